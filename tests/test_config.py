@@ -1,0 +1,53 @@
+"""Config presets, overrides, unknown keys, and the HF config round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm2 import VLLM2Config, load_config
+from vllm2.config import config_from_dict, config_to_dict
+
+
+def test_presets_load():
+    tiny = load_config("tiny")
+    big = load_config("vllmv2-7b")
+    assert tiny.llm.hidden_size == 64 and tiny.vision.image_size == 56
+    assert big.vision.image_size == 336 and big.vision.max_tiles == 4 and big.vision.output_layer == -2
+    assert big.llm.hidden_size == 4096 and big.bridge.type == "mlp2x_gelu"
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["llm.num_layers=3", "vision.freeze=false", "training.learning_rate=3e-4",
+                               "llm.lora.target_modules=[q_proj]"])
+    assert cfg.llm.num_layers == 3 and cfg.vision.freeze is False and cfg.training.learning_rate == 3e-4
+    assert cfg.llm.lora.target_modules == ("q_proj",)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(KeyError, match="llm.num_layerz"):
+        load_config("tiny", ["llm.num_layerz=3"])
+    with pytest.raises(KeyError, match="visoin"):
+        load_config("tiny", ["visoin.image_size=3"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ValueError, match="llm.num_layers"):
+        load_config("tiny", ["llm.num_layers=abc"])
+
+
+def test_missing_file_is_named():
+    with pytest.raises(FileNotFoundError, match="no_such.yaml"):
+        load_config("no_such.yaml")
+
+
+def test_yaml_base_merge(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: tiny\nllm:\n  num_layers: 5\n")
+    cfg = load_config(path)
+    assert cfg.llm.num_layers == 5 and cfg.llm.hidden_size == 64
+
+
+def test_dict_round_trip():
+    cfg = load_config("tiny", ["training.loss_weights={gdino: 2.0}"])
+    again = config_from_dict(VLLM2Config, config_to_dict(cfg))
+    assert again == cfg

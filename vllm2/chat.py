@@ -1,0 +1,179 @@
+"""Batched chat: generate with routes, then run each decoder on the query states the model produced itself."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from superlink import QueryGroups, gather_queries
+
+from .generation import generate
+from .processor import Sample
+
+if TYPE_CHECKING:
+    from .modeling import VisionLLMv2Model
+    from .processor import VisionLLMv2Processor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChatResult", "RouteOutput", "chat", "route_phrases"]
+
+_PHRASE_SPLIT = re.compile(r",|;|\.|:|\band\b|\bfor\b|\bof\b|\bare\b|\bis\b|\bthe results\b", re.IGNORECASE)
+
+
+@dataclass
+class RouteOutput:
+    """One emitted route and what its decoder made of it.
+
+    Attributes:
+        route: the route token, e.g. ``"[DET]"``.
+        decoder: the decoder name it routes to.
+        phrases: the phrase the model wrote before each group of this output (category names, keypoint names).
+        result: boxes/labels/scores/masks, keypoints, or a PIL image (decoder specific); None on error.
+        error: a readable message when the decoder is missing or failed.
+    """
+
+    route: str
+    decoder: str
+    phrases: list[str] = field(default_factory=list)
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass
+class ChatResult:
+    """The answer to one prompt: its text (placeholders removed) and one output per decoder call."""
+
+    text: str
+    outputs: list[RouteOutput] = field(default_factory=list)
+
+
+def route_phrases(text_before: Sequence[str]) -> list[str]:
+    """The phrase each route refers to, from the text written before each route token.
+
+    ``<det>phrase</det>`` spans win; otherwise the words after the last separator (comma, "and", "for", ...).
+    """
+    phrases = []
+    for before in text_before:
+        tagged = re.findall(r"<det>(.*?)</det>\s*$", before)
+        phrase = tagged[0] if tagged else _PHRASE_SPLIT.split(before)[-1]
+        phrases.append(phrase.strip(" \n'\""))
+    return phrases
+
+
+def _text_pieces(processor: VisionLLMv2Processor, ids: list[int]) -> tuple[str, list[str]]:
+    """Decode generated ids to display text, and the text before each route token (since the previous one)."""
+    tok, bound = processor.tokenizer, processor.bound
+    route_ids = set(bound.route_ids.tolist())
+    drop = set(bound.placeholder_ids.tolist()) | {tok.eos_token_id, tok.pad_token_id}
+    text, before, chunk = "", [], []
+    for token in ids:
+        if token in route_ids:
+            piece = tok.decode(chunk, skip_special_tokens=False)
+            before.append(piece)
+            text += piece + tok.convert_ids_to_tokens(token)
+            chunk = []
+        elif token not in drop:
+            chunk.append(token)
+    text += tok.decode(chunk, skip_special_tokens=False)
+    return text.strip(), before
+
+
+@torch.no_grad()
+def chat(
+    model: VisionLLMv2Model,
+    processor: VisionLLMv2Processor,
+    images: Sequence[Image.Image | str | None | Sequence[Image.Image | str]],
+    prompts: Sequence[str],
+    regions: Sequence[Sequence[np.ndarray]] | None = None,
+    history: Sequence[Sequence[tuple[str, str]]] | None = None,
+    max_new_tokens: int = 128,
+    stop_strings: Sequence[str] = (),
+    decoder_options: dict[str, dict[str, Any]] | None = None,
+    **gen_kwargs: Any,
+) -> list[ChatResult]:
+    """Answer a batch of prompts; run the decoders the model routes to.
+
+    Args:
+        model: the model (its decoders run on the captured query states).
+        processor: the matching processor.
+        images: per prompt an image, a list of images, or None. A prompt without ``<image>`` gets one
+            ``<image>\\n`` prefix per image.
+        prompts: the user messages.
+        regions: per prompt, bool masks ``[H, W]`` on its first image (one per ``<region>`` token).
+        history: per prompt, earlier ``(role, text)`` turns.
+        max_new_tokens: sampled-token budget per prompt.
+        stop_strings: stop a sample once its text contains one of these.
+        decoder_options: decoder name -> keyword options for its ``predict``.
+        gen_kwargs: ``do_sample``, ``temperature``, ``top_p``, ``logits_processor``, ``generator``.
+    Returns:
+        One :class:`ChatResult` per prompt.
+    """
+    samples, pil_images = _build_samples(processor, images, prompts, regions, history)
+    device = next(model.parameters()).device
+    batch = processor(samples, generation=True).to(device)
+    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["region_masks"], batch["region_tiles"])
+    tok = processor.tokenizer
+    out = generate(
+        model.llm, embeds, batch["attention_mask"], model.bound, model.query_weight.to(embeds.dtype),
+        model.llm.get_input_embeddings(), max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, stop_strings=stop_strings, decode=tok.decode, **gen_kwargs,
+    )
+    texts, befores = zip(*[_text_pieces(processor, seq[:n].tolist()) for seq, n in zip(out.sequences, out.lengths)])
+    results = [ChatResult(text=t) for t in texts]
+    phrases = [route_phrases(b) for b in befores]
+    rank = (model.bound.route_index(out.sequences) >= 0).long().cumsum(1) - 1  # [B, T] index among a sample's routes
+    for name, groups in gather_queries(out.hidden_states, out.sequences, model.bound).items():
+        group_phrases = [[phrases[b][int(rank[b, p])] for p, ok in zip(groups.positions[row], groups.mask[row]) if ok]
+                         for row, b in enumerate(groups.batch_index.tolist())]
+        _run_decoder(model, name, groups, pil_images, group_phrases, results, (decoder_options or {}).get(name, {}))
+    return results
+
+
+def _build_samples(processor, images, prompts, regions, history) -> tuple[list[Sample], list[list[Image.Image]]]:
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries (use None for no image)")
+    samples, pil_images = [], []
+    for i, prompt in enumerate(prompts):
+        entry = images[i]
+        ims = [] if entry is None else [entry] if isinstance(entry, (Image.Image, str)) else list(entry)
+        ims = [processor._load(im) for im in ims]
+        turns = list(history[i]) if history else []
+        mentioned = "<image>" in prompt or any("<image>" in text for _, text in turns)
+        text = prompt if mentioned or not ims else "<image>\n" * len(ims) + prompt
+        region_list = [(m, 0) for m in (regions[i] if regions else [])]
+        samples.append(Sample(turns + [("user", text)], ims, region_list))
+        pil_images.append(ims)
+    return samples, pil_images
+
+
+def _run_decoder(model, name: str, groups: QueryGroups, images, phrases, results, options: dict) -> None:
+    """Run one decoder on its groups; attach one :class:`RouteOutput` per sample (errors become messages)."""
+    id_to_token = dict(zip(model.bound.route_ids.tolist(), model.routes.route_tokens))
+    index = groups.batch_index.tolist()
+    outputs = []
+    for row, b in enumerate(index):
+        own = groups.route_ids[row][groups.mask[row] & ~groups.absorbed[row]]  # the routes that chose this decoder
+        outputs.append(RouteOutput(route=id_to_token[int(own[0])], decoder=name, phrases=phrases[row]))
+        results[b].outputs.append(outputs[-1])
+    if name not in model.decoder_names:
+        for output in outputs:
+            output.error = f"no decoder {name!r} is configured for the route {output.route}"
+        return
+    decoder = model.get_submodule(name)
+    try:
+        inputs = decoder.prepare([images[b][0] if images[b] else None for b in index])
+        preds = decoder.predict(groups.states, groups.mask, inputs, groups.route_ids, **options)
+    except Exception as err:  # a failing decoder must not end the conversation
+        logger.exception("decoder %s failed", name)
+        for output in outputs:
+            output.error = f"decoder {name!r} failed: {err}"
+        return
+    for output, pred in zip(outputs, preds):
+        output.result = pred

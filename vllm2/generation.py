@@ -1,0 +1,195 @@
+"""Batched KV-cached generation with super-link routing, over any Hugging Face causal LM.
+
+When a sample emits a route token, its K query embeddings are fed right after the token in the next step, while the
+other samples feed one token and masked holes (see :mod:`superlink.decoding`). The generated ids keep the placeholder
+ids at the query positions and the last-layer hidden states of every fed position are captured, so
+``superlink.gather_queries(out.hidden_states, out.sequences, bound)`` yields the query groups for the decoders.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from superlink.decoding import build_step, compact_steps, prompt_position_ids
+from superlink.routes import BoundRoutes
+
+__all__ = ["GenerationOutput", "generate"]
+
+logger = logging.getLogger(__name__)
+
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class GenerationOutput:
+    """Generated positions of each sample (T = the longest), right-padded.
+
+    Attributes:
+        sequences: ``[B, T]`` new ids: sampled tokens, with the placeholder ids at query positions.
+        hidden_states: ``[B, T, C]`` last-layer hidden state of each position (zeros for a final token that was not
+            fed, e.g. the end-of-sequence token, and after the end).
+        lengths: ``[B]`` number of positions of each sample.
+    """
+
+    sequences: torch.Tensor
+    hidden_states: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _check_prompt(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    if inputs_embeds.dim() != 3 or attention_mask.shape != inputs_embeds.shape[:2]:
+        raise ValueError(
+            f"inputs_embeds must be [B, L, C] and attention_mask [B, L]; got {tuple(inputs_embeds.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    mask = attention_mask.bool()  # [B, L]
+    if not bool(mask[:, -1].all()) or bool((mask.long().diff(dim=1) < 0).any()):
+        raise ValueError("attention_mask must describe a left-padded prompt (padding first, then real tokens)")
+    return mask
+
+
+def _next_tokens(
+    history: torch.Tensor,
+    logits: torch.Tensor,
+    logits_processor: LogitsProcessor | None,
+    warpers: LogitsProcessorList | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Greedy or sampled next token ``[B]`` from logits ``[B, V]`` given the tokens sampled so far ``[B, t]``."""
+    scores = logits if logits_processor is None else logits_processor(history, logits)  # [B, V]
+    if warpers is None:
+        return scores.argmax(-1)
+    probs = torch.softmax(warpers(history, scores), dim=-1)  # [B, V]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _stop_string_hits(
+    generated: list[list[int]], active: torch.Tensor, stop_strings: Sequence[str], decode: Callable[[list[int]], str]
+) -> torch.Tensor:
+    """``[B]`` bool: active samples whose decoded text contains a stop string."""
+    hits = [bool(a) and any(s in decode(ids) for s in stop_strings) for a, ids in zip(active.tolist(), generated)]
+    return torch.tensor(hits, dtype=torch.bool, device=active.device)
+
+
+@torch.no_grad()
+def generate(
+    llm: nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    bound: BoundRoutes,
+    query_weight: torch.Tensor,
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    logits_processor: LogitsProcessor | None = None,
+    stop_strings: Sequence[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Generate from a left-padded batch of prompt embeddings, splicing query embeddings after route tokens.
+
+    Args:
+        llm: a Hugging Face causal LM (called with ``inputs_embeds``, ``attention_mask``, ``position_ids``, ``cache``).
+        inputs_embeds: ``[B, L, C]`` prompt embeddings, left-padded.
+        attention_mask: ``[B, L]`` 1 at real prompt positions.
+        bound: the bound route table.
+        query_weight: ``[Q, C]`` concatenated query tables (``RouteTable.tables`` order).
+        embed_tokens: ids ``[B]`` -> embeddings ``[B, C]`` (the LLM's input embedding).
+        max_new_tokens: maximum number of sampled tokens per sample (query positions not counted).
+        eos_token_id: id(s) that end a sample (kept in ``sequences``).
+        pad_token_id: id written after a sample's end.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature (with ``do_sample``).
+        top_p: nucleus sampling threshold (with ``do_sample``).
+        logits_processor: ``(sampled_ids [B, t], scores [B, V]) -> scores`` applied before choosing, e.g. a
+            ``transformers.LogitsProcessorList``.
+        stop_strings: a sample ends once its decoded text contains one of these.
+        decode: ids -> text, required with ``stop_strings``.
+        generator: random generator for sampling.
+    Returns:
+        The generated ids and the captured hidden states.
+    """
+    mask = _check_prompt(inputs_embeds, attention_mask, max_new_tokens)  # [B, L]
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode callable")
+    batch, device = inputs_embeds.shape[0], inputs_embeds.device
+    bound = bound.to(device)
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    stop_ids = torch.tensor(eos, dtype=torch.long, device=device)  # [E]
+    warpers = None
+    if do_sample:
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+
+    cache = DynamicCache(config=llm.config)
+    out = llm(
+        inputs_embeds=inputs_embeds,
+        attention_mask=mask.long(),
+        position_ids=prompt_position_ids(mask),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = out.logits[:, -1].float()  # [B, V]
+    next_position = mask.sum(1)  # [B]
+    active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
+    history: list[torch.Tensor] = []
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    steps_ids, steps_hidden, steps_valid = [], [], []
+    while bool(active.any()):
+        sampled = torch.stack(history, 1) if history else torch.zeros(batch, 0, dtype=torch.long, device=device)
+        tokens = _next_tokens(sampled, logits, logits_processor, warpers, generator)  # [B]
+        tokens = torch.where(active, tokens, pad_token_id)  # [B]
+        history.append(tokens)
+        done = active & torch.isin(tokens, stop_ids)  # [B]
+        if stop_strings:
+            for ids, token, is_active in zip(generated, tokens.tolist(), active.tolist()):
+                if is_active:
+                    ids.append(token)
+            done |= _stop_string_hits(generated, active, stop_strings, decode)
+        if len(history) >= max_new_tokens:
+            done = active.clone()
+        feed = active & (~done | (bound.route_index(tokens) >= 0))  # [B]: route tokens always get their queries
+        step = build_step(tokens, feed, embed_tokens(tokens), next_position, bound, query_weight, pad_token_id)
+        valid = step.mask.clone()  # [B, W]
+        valid[:, 0] |= active
+        ids = step.ids.clone()  # [B, W]
+        ids[:, 0] = tokens
+        hidden = inputs_embeds.new_zeros(step.embeds.shape)  # [B, W, C]
+        if bool(feed.any()):
+            mask = torch.cat([mask, step.mask], dim=1)  # [B, S]
+            out = llm(
+                inputs_embeds=step.embeds.to(inputs_embeds.dtype),
+                attention_mask=mask.long(),
+                position_ids=step.position_ids,
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+            hidden = torch.where(step.mask[..., None], out.hidden_states[-1], hidden)  # [B, W, C]
+            logits = out.logits[torch.arange(batch, device=device), step.last_index].float()  # [B, V]
+            next_position = next_position + step.num_real
+        steps_ids.append(ids)
+        steps_hidden.append(hidden)
+        steps_valid.append(valid)
+        active = active & ~done
+    sequences, hidden_states, lengths = compact_steps(
+        torch.cat(steps_ids, 1), torch.cat(steps_hidden, 1), torch.cat(steps_valid, 1), pad_token_id
+    )
+    logger.debug("generated %s positions in %d steps", lengths.tolist(), len(history))
+    return GenerationOutput(sequences=sequences, hidden_states=hidden_states, lengths=lengths)

@@ -1,0 +1,341 @@
+"""``VisionLLMv2Model``: vision tower + bridge + region encoder + causal LM + super link + task decoders.
+
+Parameter names follow the official layout (``vis_encoder.``, ``llm.``, ``vl_bridge.``, ``region_encoder.``,
+``emb_embeddings_<table>``, one attribute per decoder) so released weights map onto them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import ModelOutput
+
+import decoders
+from superlink import BoundRoutes, QueryGroups, gather_queries, splice_queries
+
+from .config import VLLM2Config, config_from_dict, config_to_dict
+from .region import RegionEncoder
+from .tokenizer import IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, load_tokenizer
+from .vision import VisionTower
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VisionLLMv2Config", "VisionLLMv2Model", "VisionLLMv2Output", "build_model"]
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+
+
+class VisionLLMv2Config(PretrainedConfig):
+    """HF config wrapper: the project config as plain data, the LLM's own config and the special-token ids.
+
+    Args:
+        vllm2: ``config_to_dict(VLLM2Config)``.
+        llm_config: the causal LM's config dict (``model_type`` included).
+        token_ids: special token -> id (image/patch/region markers, routes, placeholders).
+    """
+
+    model_type = "vllm2"
+
+    def __init__(self, vllm2: dict | None = None, llm_config: dict | None = None,
+                 token_ids: dict[str, int] | None = None, **kwargs: Any) -> None:
+        self.vllm2 = vllm2 or {}
+        self.llm_config = llm_config or {}
+        self.token_ids = token_ids or {}
+        super().__init__(**kwargs)
+
+    @property
+    def project(self) -> VLLM2Config:
+        """The typed project config."""
+        return config_from_dict(VLLM2Config, self.vllm2)
+
+
+def _llm_config(cfg: VLLM2Config, vocab_size: int) -> PretrainedConfig:
+    """The LLM's config: read from the local folder when ``llm.pretrained`` is set, else a Llama of the given size."""
+    if cfg.llm.pretrained:
+        if not Path(cfg.llm.pretrained).is_dir():
+            raise FileNotFoundError(f"LLM folder {cfg.llm.pretrained!r} (config key llm.pretrained) does not exist")
+        llm_cfg = AutoConfig.from_pretrained(cfg.llm.pretrained, local_files_only=True)
+    else:
+        llm_cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.llm.hidden_size,
+            intermediate_size=cfg.llm.intermediate_size,
+            num_hidden_layers=cfg.llm.num_layers,
+            num_attention_heads=cfg.llm.num_heads,
+            num_key_value_heads=cfg.llm.num_kv_heads or cfg.llm.num_heads,
+            max_position_embeddings=cfg.llm.max_position_embeddings,
+            tie_word_embeddings=False,
+        )
+    llm_cfg.vocab_size = vocab_size
+    return llm_cfg
+
+
+def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
+    """Build a randomly initialised model from a project config (never loads weights, never downloads).
+
+    The tokenizer named by the config (or the built-in tiny one) fixes the vocabulary size and special-token ids.
+    Use :meth:`VisionLLMv2Model.load_pretrained_components` to load component weights from local folders.
+    """
+    routes = cfg.route_table()
+    tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.pretrained, routes)
+    names = [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
+    token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in names}
+    llm_cfg = _llm_config(cfg, len(tokenizer))
+    config = VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm_cfg.to_dict(), token_ids=token_ids)
+    return VisionLLMv2Model(config)
+
+
+# ------------------------------------------------------------------------------------------------------------ outputs
+
+
+@dataclass
+class VisionLLMv2Output(ModelOutput):
+    """Model outputs.
+
+    Attributes:
+        loss: LM loss + weighted decoder losses (scalar), when labels are given.
+        lm_loss: the LM cross-entropy alone.
+        logits: ``[B, L, V]``.
+        decoder_losses: decoder name -> weighted loss.
+        loss_dict: every individual loss term, keyed ``"<decoder>/<term>"``.
+        hidden_states: ``[B, L, C]`` last-layer states (after the final norm).
+        groups: decoder name -> gathered query groups.
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    decoder_losses: dict[str, torch.Tensor] | None = None
+    loss_dict: dict[str, torch.Tensor] | None = None
+    hidden_states: torch.Tensor | None = None
+    groups: dict[str, QueryGroups] | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+
+
+class VisionLLMv2Model(PreTrainedModel):
+    """The multimodal LLM with the super link and its task decoders."""
+
+    config_class = VisionLLMv2Config
+    base_model_prefix = "vllm2"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: VisionLLMv2Config) -> None:
+        super().__init__(config)
+        cfg = config.project
+        self.cfg = cfg
+        self.routes = cfg.route_table()
+        self._bound: BoundRoutes | None = None
+        self.patch_token_id = config.token_ids[PATCH_TOKEN]
+        self.region_token_id = config.token_ids[REGION_TOKEN]
+
+        self.vis_encoder = VisionTower(cfg.vision, cfg.region.num_levels if cfg.region.enabled else 0)
+        llm_cfg = AutoConfig.for_model(**config.llm_config)
+        llm_cfg._attn_implementation = cfg.llm.attn_implementation
+        self.llm = AutoModelForCausalLM.from_config(llm_cfg, attn_implementation=cfg.llm.attn_implementation)
+        width = llm_cfg.hidden_size
+        self.vl_bridge = _build_bridge(cfg.bridge.type, cfg.vision.hidden_size, width)
+        self.region_encoder = (
+            RegionEncoder(cfg.vision.hidden_size, width, cfg.vision.patch_size, cfg.region.hidden_dim)
+            if cfg.region.enabled else None
+        )
+        for table, k in self.routes.tables.items():
+            setattr(self, f"emb_embeddings_{table}", nn.Embedding(k, width))
+        self.decoder_names = list(cfg.decoders)
+        for name, dcfg in cfg.decoders.items():
+            setattr(self, name, decoders.build_decoder(name, dcfg, width))
+        self.post_init()
+        if cfg.llm.lora.enabled:
+            self._apply_lora()
+        if cfg.llm.gradient_checkpointing:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> VisionLLMv2Model:
+        """HF ``from_pretrained``, then every tensor copied to freshly allocated (aligned) memory: tensors read from a
+        memory-mapped safetensors file can be unaligned, which makes some CPU conv kernels round differently, and a
+        loaded model must reproduce the saved one bit for bit."""
+        model = super().from_pretrained(*args, **kwargs)
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.data = tensor.data.clone()
+        return model
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Sub-modules initialise themselves at construction; only the query tables are set here."""
+        if isinstance(module, nn.Embedding) and module in self._query_tables():
+            nn.init.normal_(module.weight, std=0.02)
+
+    def _query_tables(self) -> list[nn.Embedding]:
+        return [getattr(self, f"emb_embeddings_{t}") for t in self.routes.tables if hasattr(self, f"emb_embeddings_{t}")]
+
+    def _apply_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.cfg.llm.lora
+        self.llm = get_peft_model(self.llm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                       target_modules=list(lora.target_modules)))
+
+    @property
+    def bound(self) -> BoundRoutes:
+        """The route table bound to token ids (built on first use, outside any meta-device init context)."""
+        if self._bound is None:
+            self._bound = self.routes.bind(self.config.token_ids.__getitem__)
+        return self._bound
+
+    # -------------------------------------------------------------------------------------------- weights
+
+    def load_pretrained_components(self) -> None:
+        """Load the component weights named in the config from local folders (vision, LLM, decoders)."""
+        cfg = self.cfg
+        if cfg.vision.pretrained:
+            self.vis_encoder.load_pretrained(cfg.vision.pretrained)
+        if cfg.llm.pretrained:
+            llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, local_files_only=True)
+            llm.resize_token_embeddings(self.llm.get_input_embeddings().num_embeddings, mean_resizing=True)
+            self.llm.load_state_dict(llm.state_dict())
+        for name in self.decoder_names:
+            decoder = getattr(self, name)
+            path = getattr(cfg.decoders[name], "pretrained", None)
+            if path:
+                decoder.load_pretrained(path)
+
+    # -------------------------------------------------------------------------------------------- embedding
+
+    @property
+    def query_weight(self) -> torch.Tensor:
+        """All query tables concatenated in route-table order ``[sum_K, C]``."""
+        return torch.cat([t.weight for t in self._query_tables()], 0)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        region_masks: torch.Tensor | None = None,
+        region_tiles: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features, region embeddings and super-link queries written in.
+
+        Args:
+            input_ids: ``[B, L]`` with ``<im_patch>`` spans, ``<region>`` tokens and route placeholders.
+            pixel_values: ``[N, 3, S, S]`` every tile of the batch, in text order (may be empty).
+            region_masks: ``[R, S, S]`` bool, one per ``<region>`` token in batch/text order.
+            region_tiles: ``[R]`` index of each region's tile in ``pixel_values``.
+        Returns:
+            ``[B, L, C]`` input embeddings.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, L, C]
+        size = self.cfg.vision.image_size
+        if pixel_values is None:
+            pixel_values = embeds.new_zeros(0, 3, size, size)
+        # Every module runs on every step, on zero-size inputs when its input is absent: this costs nothing and keeps
+        # every rank's ZeRO-3 parameter gathers and gradient reductions in step whatever its batch holds. The vision
+        # tower cannot take an empty batch, so under ZeRO-3 it encodes one blank tile that is then dropped.
+        features, levels = self._encode_tiles(pixel_values.to(embeds.dtype))  # [N, T, Cv], [N, V, T, Cv]
+        image_embeds = self.vl_bridge(features.to(embeds.dtype)).flatten(0, 1)  # [N*T, C]
+        embeds = _scatter(embeds, input_ids == self.patch_token_id, image_embeds, "image patch")
+        if self.region_encoder is not None:
+            if region_masks is None:
+                region_masks = pixel_values.new_zeros(0, size, size)
+                region_tiles = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+            regions = self.region_encoder(pixel_values[region_tiles], region_masks, levels[region_tiles])  # [R, C]
+            embeds = _scatter(embeds, input_ids == self.region_token_id, regions.to(embeds.dtype), "region")
+        return splice_queries(embeds, input_ids, self.bound, self.query_weight.to(embeds.dtype))
+
+    def _encode_tiles(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vision features of ``[N, 3, S, S]`` tiles: ``[N, T, Cv]`` and ``[N, V, T, Cv]`` (V may be 0)."""
+        n = pixel_values.shape[0]
+        if n == 0 and not is_deepspeed_zero3_enabled():
+            t, c, v = self.vis_encoder.tokens_per_tile, self.cfg.vision.hidden_size, self.vis_encoder.num_levels
+            return pixel_values.new_zeros(0, t, c), pixel_values.new_zeros(0, v, t, c)
+        features, levels = self.vis_encoder(pixel_values if n else pixel_values.new_zeros(1, *pixel_values.shape[1:]))
+        return features[:n], (levels[:n] if levels is not None else features.new_zeros(n, 0, *features.shape[1:]))
+
+    # -------------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        region_masks: torch.Tensor | None = None,
+        region_tiles: torch.Tensor | None = None,
+        decoder_inputs: dict[str, dict[str, Any]] | None = None,
+        **unused: Any,
+    ) -> VisionLLMv2Output:
+        """Teacher-forced forward: LM loss on ``labels`` and, for each decoder with inputs, its loss on the gathered
+        query groups.
+
+        Args:
+            input_ids / attention_mask / labels: ``[B, L]``.
+            pixel_values, region_masks, region_tiles: see :meth:`embed_inputs`.
+            decoder_inputs: decoder name -> ``{"batch_index": [B_d], **decoder.prepare(...)}`` for the samples that
+                route to it, in batch order.
+        Returns:
+            :class:`VisionLLMv2Output`.
+        """
+        embeds = self.embed_inputs(input_ids, pixel_values, region_masks, region_tiles)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
+        hidden = out.hidden_states[-1]  # [B, L, C]
+        groups = gather_queries(hidden, input_ids, self.bound)
+        total, decoder_losses, loss_dict = out.loss, {}, {}
+        for name, inputs in (decoder_inputs or {}).items():
+            loss, terms = self._decoder_loss(name, groups.get(name), inputs)
+            decoder_losses[name] = loss
+            loss_dict.update({f"{name}/{k}": v for k, v in terms.items()})
+            total = loss if total is None else total + loss
+        return VisionLLMv2Output(loss=total, lm_loss=out.loss, logits=out.logits, decoder_losses=decoder_losses,
+                                 loss_dict=loss_dict, hidden_states=hidden, groups=groups)
+
+    def chat(self, processor: Any, images: Any, prompts: Any, regions: Any = None, **gen_kwargs: Any) -> list:
+        """Batched chat with routing; see :func:`vllm2.chat.chat`. Returns one ``ChatResult`` per prompt."""
+        from .chat import chat
+
+        return chat(self, processor, images, prompts, regions, **gen_kwargs)
+
+    def _decoder_loss(self, name: str, groups: QueryGroups | None, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        if name not in self.decoder_names:
+            raise ValueError(f"batch has targets for decoder {name!r}, which is not configured "
+                             f"(configured: {self.decoder_names})")
+        batch_index = inputs["batch_index"]
+        if groups is None or not torch.equal(groups.batch_index.cpu(), torch.as_tensor(batch_index).cpu()):
+            found = None if groups is None else groups.batch_index.tolist()
+            raise ValueError(f"decoder {name!r}: targets for samples {torch.as_tensor(batch_index).tolist()} but "
+                             f"route groups in samples {found}")
+        decoder_out = getattr(self, name)(groups.states, groups.mask, inputs, groups.route_ids)
+        weight = self.cfg.training.loss_weights.get(name, 1.0)
+        return weight * decoder_out.loss, {k: weight * v for k, v in decoder_out.loss_dict.items()}
+
+
+def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:
+    """Write ``values [n, C]`` into the ``n`` positions of ``mask [B, L]`` (row-major), checking the count."""
+    counts = mask.sum(1)  # [B]
+    if int(counts.sum()) != values.shape[0]:
+        raise ValueError(f"{what} tokens per sample {counts.tolist()} (total {int(counts.sum())}) do not match the "
+                         f"{values.shape[0]} {what} embeddings provided")
+    return embeds.masked_scatter(mask[..., None], values)
+
+
+def _build_bridge(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
+    """The vision-to-LLM projector: ``mlp2x_gelu`` (official) or ``linear``."""
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+    if kind == "linear":
+        return nn.Linear(vision_dim, llm_dim)
+    raise ValueError(f"config key bridge.type: unknown bridge {kind!r} (use 'mlp2x_gelu' or 'linear')")
+
+
+AutoConfig.register("vllm2", VisionLLMv2Config)
+AutoModel.register(VisionLLMv2Config, VisionLLMv2Model)
