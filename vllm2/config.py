@@ -145,6 +145,12 @@ class VLLM2Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: dict[str, Any] = field(default_factory=dict)  # dataset mixture (see vllm2.data)
 
+    def tokenizer_source(self) -> tuple[str | None, str]:
+        """Where the tokenizer comes from and the config key that names it (None = the built-in tiny tokenizer)."""
+        if self.llm.tokenizer:
+            return self.llm.tokenizer, "llm.tokenizer"
+        return self.llm.pretrained, "llm.pretrained"
+
     def route_table(self) -> RouteTable:
         """The routing table: ``superlink.routes`` when given, else the official one."""
         return RouteTable.from_config(self.superlink.routes) if self.superlink.routes else RouteTable.default()

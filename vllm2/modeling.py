@@ -85,7 +85,7 @@ def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
     Use :meth:`VisionLLMv2Model.load_pretrained_components` to load component weights from local folders.
     """
     routes = cfg.route_table()
-    tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.pretrained, routes)
+    tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes)
     names = [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
     token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in names}
     llm_cfg = _llm_config(cfg, len(tokenizer))

@@ -74,7 +74,7 @@ class VisionLLMv2Processor:
     def from_config(cls, cfg: VLLM2Config) -> VisionLLMv2Processor:
         """Build from a project config (tokenizer from ``llm.tokenizer`` or the built-in tiny one)."""
         routes = cfg.route_table()
-        tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.pretrained, routes)
+        tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes)
         return cls(tokenizer, cfg.vision, routes, cfg.llm.template)
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -71,7 +71,7 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def load_tokenizer(path: str | None, routes: RouteTable, config_key: str = "llm.tokenizer") -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | None, config_key: str = "llm.tokenizer", *, routes: RouteTable) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local folder (or build the tiny one) and add the special tokens once.
 
     Args:

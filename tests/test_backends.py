@@ -1,0 +1,73 @@
+"""Alternative vision backend (open_clip), LoRA, gradient checkpointing, linear bridge, missing weight paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_image
+from vllm2 import Sample, build_model, load_config
+
+
+def _batch(processor):
+    return processor([Sample([("user", "<image>\nWhat is it?"), ("assistant", "a red square")], [make_image(90, 40)])])
+
+
+def test_open_clip_backend_trains(tiny_processor):
+    cfg = load_config("tiny", ["vision.backend=open_clip", "vision.open_clip_model=vllm2-tiny-vit", "vision.freeze=false"])
+    model = build_model(cfg)
+    assert any(n.startswith("vis_encoder.visual.") for n, _ in model.named_parameters())
+    out = model(**_batch(tiny_processor))
+    out.loss.backward()
+    assert model.vis_encoder.visual.conv1.weight.grad.abs().sum() > 0
+
+
+def test_open_clip_layer_choice_matters(tiny_processor):
+    cfg = load_config("tiny", ["vision.backend=open_clip", "vision.open_clip_model=vllm2-tiny-vit"])
+    torch.manual_seed(0)
+    a = build_model(cfg).eval()
+    feats_pen, levels = a.vis_encoder(_batch(tiny_processor)["pixel_values"])
+    a.vis_encoder.cfg.output_layer = -1
+    feats_last, _ = a.vis_encoder(_batch(tiny_processor)["pixel_values"])
+    assert feats_pen.shape == (3, 16, 32) and levels.shape == (3, 3, 16, 32)
+    assert torch.equal(levels[:, -1], feats_last) and torch.equal(levels[:, -2], feats_pen)
+
+
+def test_lora_trains_only_adapters(tiny_processor):
+    model = build_model(load_config("tiny", ["llm.lora.enabled=true", "llm.lora.r=4"]))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    assert not model.get_parameter("llm.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight").requires_grad
+    model(**_batch(tiny_processor)).loss.backward()
+    grad = model.get_parameter("llm.base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight").grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_matches_plain(tiny_processor):
+    batch = _batch(tiny_processor)
+    torch.manual_seed(1)
+    plain = build_model(load_config("tiny")).train()
+    torch.manual_seed(1)
+    ckpt = build_model(load_config("tiny", ["llm.gradient_checkpointing=true"])).train()
+    ckpt.load_state_dict(plain.state_dict())
+    la, lb = plain(**batch).loss, ckpt(**batch).loss
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    name = "llm.model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(plain.get_parameter(name).grad, ckpt.get_parameter(name).grad)
+
+
+def test_linear_bridge(tiny_processor):
+    model = build_model(load_config("tiny", ["bridge.type=linear"]))
+    assert tuple(model.vl_bridge.weight.shape) == (64, 32)
+    assert torch.isfinite(model(**_batch(tiny_processor)).loss)
+
+
+def test_bad_bridge_and_missing_paths_are_named(tmp_path):
+    with pytest.raises(ValueError, match="bridge.type"):
+        build_model(load_config("tiny", ["bridge.type=mlp9"]))
+    with pytest.raises(FileNotFoundError, match="llm.pretrained"):
+        build_model(load_config("tiny", [f"llm.pretrained={tmp_path / 'vicuna'}"]))
+    model = build_model(load_config("tiny", [f"vision.pretrained={tmp_path / 'clip'}"]))
+    with pytest.raises(FileNotFoundError, match="vision.pretrained"):
+        model.load_pretrained_components()
