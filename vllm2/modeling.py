@@ -281,8 +281,8 @@ class VisionLLMv2Model(PreTrainedModel):
         Args:
             input_ids / attention_mask / labels: ``[B, L]``.
             pixel_values, region_masks, region_tiles: see :meth:`embed_inputs`.
-            decoder_inputs: decoder name -> ``{"batch_index": [B_d], **decoder.prepare(...)}`` for the samples that
-                route to it, in batch order.
+            decoder_inputs: decoder name -> ``{"batch_index": [B_d], "images": [PIL], "targets": [dict]}`` for the
+                samples that route to it, in batch order (raw targets in original pixels; the decoder prepares them).
         Returns:
             :class:`VisionLLMv2Output`.
         """
@@ -306,17 +306,31 @@ class VisionLLMv2Model(PreTrainedModel):
         return chat(self, processor, images, prompts, regions, **gen_kwargs)
 
     def _decoder_loss(self, name: str, groups: QueryGroups | None, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        """One decoder's weighted loss on its groups, from raw images/targets (prepared here by the decoder)."""
         if name not in self.decoder_names:
             raise ValueError(f"batch has targets for decoder {name!r}, which is not configured "
                              f"(configured: {self.decoder_names})")
-        batch_index = inputs["batch_index"]
-        if groups is None or not torch.equal(groups.batch_index.cpu(), torch.as_tensor(batch_index).cpu()):
+        batch_index = torch.as_tensor(inputs["batch_index"]).cpu()
+        if groups is None or not torch.equal(groups.batch_index.cpu(), batch_index):
             found = None if groups is None else groups.batch_index.tolist()
-            raise ValueError(f"decoder {name!r}: targets for samples {torch.as_tensor(batch_index).tolist()} but "
-                             f"route groups in samples {found}")
-        decoder_out = getattr(self, name)(groups.states, groups.mask, inputs, groups.route_ids)
+            raise ValueError(f"decoder {name!r}: targets for samples {batch_index.tolist()} but route groups in "
+                             f"samples {found}")
+        decoder = self.get_submodule(name)
+        prepared = _to_device(decoder.prepare(inputs["images"], inputs["targets"]), groups.states.device)
+        decoder_out = decoder(groups.states, groups.mask, prepared, groups.route_ids)
         weight = self.cfg.training.loss_weights.get(name, 1.0)
-        return weight * decoder_out.loss, {k: weight * v for k, v in decoder_out.loss_dict.items()}
+        return weight * decoder_out.loss, {k: weight * v.detach() for k, v in decoder_out.loss_dict.items()}
+
+
+def _to_device(data: Any, device: torch.device) -> Any:
+    """Move the tensors of a nested dict/list structure to ``device``."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
+    if isinstance(data, dict):
+        return {k: _to_device(v, device) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_to_device(v, device) for v in data)
+    return data
 
 
 def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""Training helpers: path-matched freezing and learning rates, task-aligned batches."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from torch import nn
+
+from vllm2.training import TaskAlignedBatchSampler, apply_freeze, param_groups, path_matches
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.llm = nn.Linear(2, 2)
+        self.sd = nn.Module()
+        self.sd.llm2sd_mapper = nn.Linear(2, 2)
+        self.sd.norm = nn.LayerNorm(2)
+
+
+def test_path_matching_is_by_component():
+    assert path_matches("llm.model.layers.0.weight", "llm")
+    assert not path_matches("sd.llm2sd_mapper.weight", "llm")
+    assert path_matches("sd.llm2sd_mapper.weight", "sd.llm2sd_mapper")
+
+
+def test_lr_multipliers_do_not_leak_into_the_mapper():
+    groups = param_groups(_Toy(), lr=1.0, weight_decay=0.1, multipliers={"llm": 0.1})
+    by_lr = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
+    # llm.weight (0.1, wd), llm.bias (0.1, no wd), mapper weight (1.0, wd), mapper bias + norm (1.0, no wd)
+    assert by_lr == {(0.1, 0.1): 1, (0.1, 0.0): 1, (1.0, 0.1): 1, (1.0, 0.0): 3}
+
+
+def test_longest_prefix_wins():
+    groups = param_groups(_Toy(), lr=1.0, weight_decay=0.0, multipliers={"sd": 0.5, "sd.llm2sd_mapper": 2.0})
+    lrs = sorted(g["lr"] for g in groups for _ in g["params"])
+    assert lrs == [0.5, 0.5, 1.0, 1.0, 2.0, 2.0]
+
+
+def test_unknown_prefixes_are_named():
+    with pytest.raises(KeyError, match="training.lr_multipliers: 'lm'"):
+        param_groups(_Toy(), 1.0, 0.0, {"lm": 0.1})
+    with pytest.raises(KeyError, match="training.freeze: 'vision'"):
+        apply_freeze(_Toy(), ["vision"])
+
+
+def test_freeze_by_prefix():
+    toy = _Toy()
+    assert apply_freeze(toy, ["sd"]) == 4
+    assert toy.llm.weight.requires_grad and not toy.sd.llm2sd_mapper.weight.requires_grad
+
+
+def test_task_aligned_batches_share_composition_across_ranks():
+    tasks = ["vqa"] * 40 + ["det"] * 20 + ["pose"] * 10 + ["gen"] * 6 + ["edit"] * 4
+    ranks = [list(TaskAlignedBatchSampler(tasks, 4, world_size=2, rank=r, seed=3)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 10
+    for a, b in zip(*ranks):
+        assert Counter(tasks[i] for i in a) == Counter(tasks[i] for i in b)
+    seen = [set(i for batch in r for i in batch) for r in ranks]
+    assert not (seen[0] & seen[1])  # each rank draws from its own shard
+    assert any(len({tasks[i] for i in batch}) > 1 for batch in ranks[0])  # micro-batches mix tasks
+
+
+def test_task_aligned_batches_are_deterministic_per_epoch():
+    tasks = ["a"] * 10 + ["b"] * 10
+    s = TaskAlignedBatchSampler(tasks, 3, seed=1)
+    first = list(s)
+    assert list(s) == first
+    s.set_epoch(1)
+    assert list(s) != first

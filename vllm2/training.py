@@ -1,0 +1,241 @@
+"""Training recipe: HF ``Trainer`` (with its DeepSpeed integration), task-aligned batches, freezing and per-module
+learning rates matched on module paths, per-decoder loss logs, export to a ``from_pretrained`` folder.
+
+Task-aligned batches keep ZeRO-3 safe: at every step all ranks draw micro-batches with the SAME multiset of tasks
+(from their own shard of each task's samples), so every rank calls the same decoders and no parameter all-gather is
+left waiting. Micro-batches still mix tasks freely.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .config import VLLM2Config
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TaskAlignedBatchSampler", "VLLM2Trainer", "apply_freeze", "param_groups", "path_matches", "train"]
+
+
+def path_matches(name: str, prefix: str) -> bool:
+    """Whether parameter/module path ``name`` lies under ``prefix`` (whole dotted components: ``llm`` matches
+    ``llm.model.x`` but not ``sd.llm2sd_mapper``)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def apply_freeze(model: nn.Module, prefixes: Sequence[str]) -> int:
+    """Set ``requires_grad=False`` on parameters under any of ``prefixes``; returns how many were frozen."""
+    names = dict(model.named_parameters())
+    for prefix in prefixes:
+        if not any(path_matches(n, prefix) for n in names):
+            raise KeyError(f"config key training.freeze: {prefix!r} matches no parameter")
+    frozen = 0
+    for name, param in names.items():
+        if any(path_matches(name, p) for p in prefixes):
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, multipliers: dict[str, float]) -> list[dict]:
+    """AdamW groups: lr x the multiplier of the LONGEST matching path prefix; no weight decay on biases and norms."""
+    for prefix in multipliers:
+        if not any(path_matches(n, prefix) for n, _ in model.named_parameters()):
+            raise KeyError(f"config key training.lr_multipliers: {prefix!r} matches no parameter")
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        matches = [p for p in multipliers if path_matches(name, p)]
+        factor = multipliers[max(matches, key=len)] if matches else 1.0
+        no_decay = param.ndim < 2 or "norm" in name.lower()
+        groups.setdefault((lr * factor, 0.0 if no_decay else weight_decay), []).append(param)
+    return [{"params": ps, "lr": group_lr, "weight_decay": wd} for (group_lr, wd), ps in groups.items()]
+
+
+class TaskAlignedBatchSampler(Sampler[list[int]]):
+    """Micro-batches whose task composition is the same on every rank at every step.
+
+    Step ``s`` of epoch ``e`` draws ``batch_size`` task slots from the task weights with a generator seeded by
+    ``(seed, e, s)`` (identical on all ranks); each rank fills every slot with the next sample of that task from its
+    own shuffled shard. An epoch has ``ceil(len(dataset) / (batch_size * world_size))`` steps.
+
+    Args:
+        tasks: the task name of every dataset index.
+        batch_size: samples per micro-batch.
+        world_size / rank: data-parallel size and this rank.
+        seed: base seed.
+        weights: task -> sampling weight (default: proportional to the task's sample count).
+    """
+
+    def __init__(self, tasks: Sequence[str], batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 weights: dict[str, float] | None = None) -> None:
+        self.batch_size, self.world_size, self.rank, self.seed, self.epoch = batch_size, world_size, rank, seed, 0
+        self.names = sorted(set(tasks))
+        self.pools = {t: np.array([i for i, x in enumerate(tasks) if x == t]) for t in self.names}
+        w = np.array([(weights or {}).get(t, len(self.pools[t])) for t in self.names], dtype=np.float64)
+        self.probs = w / w.sum()
+        self.num_steps = math.ceil(len(tasks) / (batch_size * world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = {}
+        for k, task in enumerate(self.names):
+            rng = np.random.default_rng([self.seed, self.epoch, k])
+            pool = rng.permutation(self.pools[task])
+            shard = pool[self.rank :: self.world_size]
+            order[task] = shard if len(shard) else pool  # a task smaller than the world: ranks share its samples
+        cursor = {t: 0 for t in self.names}
+        for step in range(self.num_steps):
+            slots = np.random.default_rng([self.seed, self.epoch, step, 1 << 20]).choice(
+                len(self.names), size=self.batch_size, p=self.probs)
+            batch = []
+            for k in sorted(slots):
+                task = self.names[k]
+                batch.append(int(order[task][cursor[task] % len(order[task])]))
+                cursor[task] += 1
+            yield batch
+
+
+class _DecoderLossLog(TrainerCallback):
+    """Adds the running mean of each decoder's loss to the Trainer's logs."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, loss_dict: dict[str, torch.Tensor], lm_loss: torch.Tensor | None) -> None:
+        self.count += 1
+        items = {**{k: float(v) for k, v in loss_dict.items()}}
+        if lm_loss is not None:
+            items["lm"] = float(lm_loss)
+        for key, value in items.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs is not None and "loss" in logs and self.count:
+            logs.update({f"loss/{k}": round(v / self.count, 6) for k, v in self.sums.items()})
+            self.sums, self.count = {}, 0
+
+
+class VLLM2Trainer(Trainer):
+    """``Trainer`` with task-aligned batches, path-matched lr multipliers and per-decoder loss logs."""
+
+    def __init__(self, *args: Any, project: VLLM2Config, tasks: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.project = project
+        self.tasks = list(tasks)
+        self.loss_log = _DecoderLossLog()
+        self.add_callback(self.loss_log)
+
+    def get_train_dataloader(self) -> DataLoader:
+        args = self.args
+        sampler = TaskAlignedBatchSampler(self.tasks, args.per_device_train_batch_size, args.world_size,
+                                          args.process_index, seed=args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=args.dataloader_num_workers)
+        prepared = self.accelerator.prepare(loader)
+        wrapper = getattr(prepared, "batch_sampler", None)
+        if wrapper is not None and getattr(wrapper, "batch_sampler", None) is sampler:
+            wrapper.num_processes, wrapper.process_index = 1, 0  # the sampler is already rank-aware
+        return prepared
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            t = self.project.training
+            groups = param_groups(self.model, t.learning_rate, t.weight_decay, t.lr_multipliers)
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        outputs = model(**inputs)
+        if model.training:
+            self.loss_log.add(outputs.loss_dict or {}, outputs.lm_loss)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+def training_arguments(cfg: VLLM2Config, resume_dir: str | None = None) -> TrainingArguments:
+    """Map the project's training config onto ``TrainingArguments`` (bf16 on GPU, fp32 + gloo on CPU)."""
+    t = cfg.training
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        warmup_ratio=t.warmup_ratio,
+        lr_scheduler_type="cosine",
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_strategy="steps",
+        seed=t.seed,
+        data_seed=t.seed,
+        deepspeed=t.deepspeed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        ddp_backend=None if cuda else "gloo",
+        report_to=["tensorboard"],
+        logging_dir=str(Path(t.output_dir) / "tb"),
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        save_safetensors=True,
+    )
+
+
+def train(cfg: VLLM2Config, resume: bool | str | None = None) -> Path:
+    """Build the model and the data mixture from ``cfg``, train, and export the final model.
+
+    Args:
+        cfg: the project config (``training`` and ``data`` sections).
+        resume: True to continue from the latest checkpoint in ``training.output_dir``, or a checkpoint folder.
+    Returns:
+        The export folder ``OUTPUT_DIR/final``.
+    """
+    from transformers import set_seed
+
+    from .data import Collator, build_mixture
+    from .modeling import build_model
+    from .processor import VisionLLMv2Processor
+
+    t = cfg.training
+    set_seed(t.seed)
+    args = training_arguments(cfg)  # first: it sets up the distributed state (and ZeRO-3 init) before the model
+    model = build_model(cfg)
+    model.load_pretrained_components()
+    if t.freeze:
+        logger.info("froze %d parameter tensors under %s", apply_freeze(model, t.freeze), t.freeze)
+    processor = VisionLLMv2Processor.from_config(cfg)
+    dataset = build_mixture(cfg, processor.routes)
+    trainer = VLLM2Trainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(processor, t.max_length),
+                           project=cfg, tasks=dataset.tasks)
+    trainer.train(resume_from_checkpoint=resume)
+    final = Path(t.output_dir) / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(final)
+    bad = getattr(dataset, "bad_records", None)
+    if bad:
+        logger.warning("skipped %d bad records: %s", len(bad), bad[:20])
+    return final
