@@ -1,0 +1,29 @@
+"""The super link: route table, query splice (training and decoding), gather and projection."""
+
+from superlink.decoding import DecodeStep, build_step, compact_steps, prompt_position_ids
+from superlink.gather import QueryGroups, gather_queries
+from superlink.projection import QueryProjection
+from superlink.routes import DEFAULT_ROUTES, PLACEHOLDER_TOKENS, BoundRoutes, Route, RouteTable, placeholder_sequence
+from superlink.splice import RouteGroups, Truncation, locate_groups, query_position_mask, splice_queries, truncate_ids
+
+__all__ = [
+    "BoundRoutes",
+    "DEFAULT_ROUTES",
+    "DecodeStep",
+    "PLACEHOLDER_TOKENS",
+    "QueryGroups",
+    "QueryProjection",
+    "Route",
+    "RouteGroups",
+    "RouteTable",
+    "Truncation",
+    "build_step",
+    "compact_steps",
+    "gather_queries",
+    "locate_groups",
+    "placeholder_sequence",
+    "prompt_position_ids",
+    "query_position_mask",
+    "splice_queries",
+    "truncate_ids",
+]
