@@ -13,6 +13,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from superlink import Route
+
 __all__ = ["Decoder", "DecoderOutput", "register_decoder", "build_decoder", "DECODERS"]
 
 
@@ -50,6 +52,11 @@ class Decoder(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = dict
+
+    def bind_routes(self, own: dict[int, Route], absorbed: dict[int, Route]) -> None:
+        """Learn which route token ids reach this decoder: its own routes and the routes it absorbs (e.g. the object
+        classes of a pose answer), keyed by token id. Called once by the model; the default keeps them."""
+        self.own_routes, self.absorbed_routes = dict(own), dict(absorbed)
 
     def prepare(self, images: list[Any], targets: list[dict] | None = None) -> dict[str, Any]:
         """Build decoder inputs from original images and raw targets."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -153,8 +153,13 @@ class VisionLLMv2Model(PreTrainedModel):
         for table, k in self.routes.tables.items():
             setattr(self, f"emb_embeddings_{table}", nn.Embedding(k, width))
         self.decoder_names = list(cfg.decoders)
+        token_id = config.token_ids
         for name, dcfg in cfg.decoders.items():
-            setattr(self, name, decoders.build_decoder(name, dcfg, width))
+            decoder = decoders.build_decoder(name, dcfg, width)
+            own = [r for r in self.routes if r.decoder == name]
+            absorbed = [self.routes.route(t) for r in own for t in r.absorbs]
+            decoder.bind_routes({token_id[r.token]: r for r in own}, {token_id[r.token]: r for r in absorbed})
+            setattr(self, name, decoder)
         self.post_init()
         if cfg.llm.lora.enabled:
             self._apply_lora()
@@ -207,7 +212,7 @@ class VisionLLMv2Model(PreTrainedModel):
             self.llm.load_state_dict(llm.state_dict())
         for name in self.decoder_names:
             decoder = getattr(self, name)
-            path = getattr(cfg.decoders[name], "pretrained", None)
+            path = getattr(cfg.decoders[name], "pretrained_path", None)
             if path:
                 decoder.load_pretrained(path)
 
@@ -251,7 +256,7 @@ class VisionLLMv2Model(PreTrainedModel):
                 region_tiles = torch.zeros(0, dtype=torch.long, device=input_ids.device)
             regions = self.region_encoder(pixel_values[region_tiles], region_masks, levels[region_tiles])  # [R, C]
             embeds = _scatter(embeds, input_ids == self.region_token_id, regions.to(embeds.dtype), "region")
-        return splice_queries(embeds, input_ids, self.bound, self.query_weight.to(embeds.dtype))
+        return splice_queries(embeds, input_ids, self.bound, self.query_weight.to(embeds.dtype), inplace=True)
 
     def _encode_tiles(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Vision features of ``[N, 3, S, S]`` tiles: ``[N, T, Cv]`` and ``[N, V, T, Cv]`` (V may be 0)."""
