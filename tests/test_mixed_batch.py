@@ -1,0 +1,62 @@
+"""One micro-batch mixing VQA, detection, pose, generation and editing samples through the whole model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_image
+from vllm2 import Sample, build_model
+
+
+def _mixed(processor):
+    routes = processor.routes
+    det, pose = routes.answer_suffix(routes.route_for_task("det")), routes.answer_suffix(routes.route_for_task("pose"))
+    gen, edit = routes.answer_suffix(routes.route_for_task("t2i")), routes.answer_suffix(routes.route_for_task("edit"))
+    img = make_image(96, 64, 4)
+    box = torch.tensor([[10.0, 8.0, 50.0, 40.0]])
+    kps = torch.tensor([[[20.0, 15.0, 2.0], [30.0, 30.0, 2.0], [40.0, 20.0, 1.0]]])
+    samples, targets = [], []
+    samples.append(Sample([("user", "<image>\nWhat colour is the square?"), ("assistant", "red")], [img]))
+    targets.append({})
+    samples.append(Sample([("user", "<image>\nFind the square."), ("assistant", f"square{det}, circle{det}.")], [img]))
+    targets.append({"gdino": {"boxes": box, "labels": torch.tensor([0])}})
+    samples.append(Sample([("user", "<image>\nPose?"),
+                           ("assistant", f"person{det}. head{pose}, hand{pose}, foot{pose}.")], [img]))
+    targets.append({"keypoint": {"boxes": box, "labels": torch.tensor([0]), "keypoints": kps}})
+    samples.append(Sample([("user", "Draw a red square."), ("assistant", f"Here it is {gen}.")]))
+    targets.append({"sd": {"image": make_image(32, 32, 5), "caption": "a red square"}})
+    samples.append(Sample([("user", "<image>\nMake it blue."), ("assistant", f"Here it is {edit}.")], [img]))
+    targets.append({"ip2p": {"image": make_image(96, 64, 6)}})
+    batch = processor(samples)
+    decoder_inputs = {}
+    for b, (sample, target) in enumerate(zip(samples, targets)):
+        for name, t in target.items():
+            entry = decoder_inputs.setdefault(name, {"batch_index": [], "images": [], "targets": []})
+            entry["batch_index"].append(b)
+            entry["images"].append(sample.images[0] if sample.images else None)
+            entry["targets"].append(t)
+    for entry in decoder_inputs.values():
+        entry["batch_index"] = torch.tensor(entry["batch_index"])
+    return batch, decoder_inputs
+
+
+def test_all_decoders_train_in_one_step(tiny_cfg, tiny_processor):
+    model = build_model(tiny_cfg).train()
+    batch, decoder_inputs = _mixed(tiny_processor)
+    present = {k: v for k, v in decoder_inputs.items() if k in model.decoder_names}
+    out = model(**batch, decoder_inputs=present)
+    assert set(out.decoder_losses) == set(present) and torch.isfinite(out.loss)
+    assert all(any(k.startswith(f"{name}/") for k in out.loss_dict) for name in present)
+    out.loss.backward()
+    for table in ["pose", "gen", "edit"] + (["det"] if "gdino" in present else []):
+        grad = model.get_parameter(f"emb_embeddings_{table}.weight").grad
+        assert grad is not None and grad.abs().sum() > 0, table
+
+
+def test_targets_without_groups_are_refused(tiny_cfg, tiny_processor):
+    model = build_model(tiny_cfg)
+    batch, decoder_inputs = _mixed(tiny_processor)
+    bad = {"sd": dict(decoder_inputs["sd"], batch_index=torch.tensor([0]))}
+    with pytest.raises(ValueError, match="decoder 'sd': targets for samples \\[0\\] but route groups in samples \\[3\\]"):
+        model(**batch, decoder_inputs=bad)
