@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -120,9 +121,9 @@ class _DecoderLossLog(TrainerCallback):
 
     def add(self, loss_dict: dict[str, torch.Tensor], lm_loss: torch.Tensor | None) -> None:
         self.count += 1
-        items = {**{k: float(v) for k, v in loss_dict.items()}}
+        items = {k: float(v) for k, v in loss_dict.items()}
         if lm_loss is not None:
-            items["lm"] = float(lm_loss)
+            items["lm"] = float(lm_loss.detach())
         for key, value in items.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
 
@@ -130,6 +131,17 @@ class _DecoderLossLog(TrainerCallback):
         if logs is not None and "loss" in logs and self.count:
             logs.update({f"loss/{k}": round(v / self.count, 6) for k, v in self.sums.items()})
             self.sums, self.count = {}, 0
+
+
+class _EpochSync(TrainerCallback):
+    """Tells the dataset the epoch, so per-item sampling (phrasings, category subsets) changes between epochs."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(state.epoch or 0))
 
 
 class VLLM2Trainer(Trainer):
@@ -141,6 +153,7 @@ class VLLM2Trainer(Trainer):
         self.tasks = list(tasks)
         self.loss_log = _DecoderLossLog()
         self.add_callback(self.loss_log)
+        self.add_callback(_EpochSync(self.train_dataset))
 
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
@@ -175,6 +188,7 @@ def training_arguments(cfg: VLLM2Config, resume_dir: str | None = None) -> Train
     """Map the project's training config onto ``TrainingArguments`` (bf16 on GPU, fp32 + gloo on CPU)."""
     t = cfg.training
     cuda = torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return TrainingArguments(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.per_device_batch_size,
@@ -183,7 +197,7 @@ def training_arguments(cfg: VLLM2Config, resume_dir: str | None = None) -> Train
         weight_decay=t.weight_decay,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type="cosine",
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
@@ -194,13 +208,11 @@ def training_arguments(cfg: VLLM2Config, resume_dir: str | None = None) -> Train
         deepspeed=t.deepspeed,
         bf16=cuda,
         use_cpu=not cuda,
-        ddp_backend=None if cuda else "gloo",
+        ddp_backend="gloo" if not cuda and distributed else None,
         report_to=["tensorboard"],
-        logging_dir=str(Path(t.output_dir) / "tb"),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
-        save_safetensors=True,
     )
 
 
