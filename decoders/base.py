@@ -52,6 +52,7 @@ class Decoder(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = dict
+    tied_weights_keys: ClassVar[dict[str, str]] = {}  # HF-style {target pattern: source}, relative to the decoder
 
     def bind_routes(self, own: dict[int, Route], absorbed: dict[int, Route]) -> None:
         """Learn which route token ids reach this decoder: its own routes and the routes it absorbs (e.g. the object

@@ -139,3 +139,9 @@ def test_image_tokens_follow_anyres(tiny_processor):
     batch = tiny_processor(_samples()[:1])  # 120x50 -> 2x1 grid + thumbnail = 3 tiles of 16 tokens
     assert batch["pixel_values"].shape == (3, 3, 56, 56)
     assert int((batch["input_ids"] == tiny_processor.patch_token_id).sum()) == 3 * 16
+
+
+def test_no_scalar_parameters(tiny_cfg):
+    """DeepSpeed broadcasts parameters as byte views, which 0-d tensors do not allow."""
+    model = build_model(tiny_cfg)
+    assert [n for n, p in model.named_parameters() if p.dim() == 0] == []

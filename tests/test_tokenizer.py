@@ -18,7 +18,7 @@ def test_official_order_and_count():
 
 def test_each_special_token_is_one_id_and_ids_are_contiguous():
     routes = RouteTable.default()
-    tok = load_tokenizer(None, routes)
+    tok = load_tokenizer(None, routes=routes)
     base = len(build_tiny_tokenizer())
     for offset, token in enumerate(special_tokens(routes)):
         assert tok.encode(token, add_special_tokens=False) == [base + offset]
@@ -30,7 +30,7 @@ def test_each_special_token_is_one_id_and_ids_are_contiguous():
 
 def test_adding_twice_adds_nothing():
     routes = RouteTable.default()
-    tok = load_tokenizer(None, routes)
+    tok = load_tokenizer(None, routes=routes)
     size = len(tok)
     assert add_special_tokens(tok, routes) == 0 and len(tok) == size
 

@@ -153,6 +153,7 @@ class VisionLLMv2Model(PreTrainedModel):
         for table, k in self.routes.tables.items():
             setattr(self, f"emb_embeddings_{table}", nn.Embedding(k, width))
         self.decoder_names = list(cfg.decoders)
+        self._tied_weights_keys: dict[str, str] = {}
         token_id = config.token_ids
         for name, dcfg in cfg.decoders.items():
             decoder = decoders.build_decoder(name, dcfg, width)
@@ -160,6 +161,8 @@ class VisionLLMv2Model(PreTrainedModel):
             absorbed = [self.routes.route(t) for r in own for t in r.absorbs]
             decoder.bind_routes({token_id[r.token]: r for r in own}, {token_id[r.token]: r for r in absorbed})
             setattr(self, name, decoder)
+            self._tied_weights_keys.update({f"{name}.{k}": f"{name}.{v}" for k, v in decoder.tied_weights_keys.items()})
+        self._keys_to_ignore_on_load_missing = list(self._tied_weights_keys)  # aliases of shared modules
         self.post_init()
         if cfg.llm.lora.enabled:
             self._apply_lora()

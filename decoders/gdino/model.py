@@ -188,6 +188,11 @@ class GroundingDinoDecoder(Decoder):
     """
 
     config_class = GroundingDinoDecoderConfig
+    tied_weights_keys = {  # aliases of the shared box and mask heads: saved once
+        r"bbox_embed.(?![0])\d+": "bbox_embed.0",
+        "model.decoder.bbox_embed": "bbox_embed",
+        r"mask_embed.(?![0])\d+": "mask_embed.0",
+    }
 
     def __init__(self, config: GroundingDinoDecoderConfig, llm_hidden_size: int) -> None:
         super().__init__()
@@ -202,7 +207,9 @@ class GroundingDinoDecoder(Decoder):
         tapped_config.backbone_config = _backbone_config(config, [1, 2, 3, 4])
         model.backbone.conv_encoder = FinestStageConvEncoder(tapped_config)
         self.model = model
-        self.bbox_embed = detector.bbox_embed
+        # one box head serves every decoder layer (shared modules, so loading any of its names fills them all)
+        self.bbox_embed = nn.ModuleList([detector.bbox_embed[0]] * config.num_decoder_layers)
+        model.decoder.bbox_embed = self.bbox_embed
         mask_embed = GroundingDinoMLPPredictionHead(config.d_model, config.d_model, config.d_model, 3)
         self.mask_embed = nn.ModuleList([mask_embed] * config.num_decoder_layers)
         self.pixel_decoder = PixelDecoder(model.backbone.conv_encoder.finest_channels, config.d_model)

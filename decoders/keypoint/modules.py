@@ -146,7 +146,8 @@ class ContrastiveClassHead(nn.Module):
     def __init__(self, d_model: int, prior_prob: float = 0.01) -> None:
         super().__init__()
         self.scale = d_model**-0.5
-        self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
+        # 1-d, not a scalar: DeepSpeed cannot broadcast 0-d parameters
+        self.bias = nn.Parameter(torch.full((1,), -math.log((1 - prior_prob) / prior_prob)))
 
     def forward(self, hidden: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
         """``hidden`` [B, Q, d], ``class_features`` [B, G, d] -> logits [B, Q, G]."""
