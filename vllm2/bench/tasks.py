@@ -1,0 +1,427 @@
+"""The benchmark tasks: which reader, which routes, how one prediction is scored, how scores become metrics.
+
+A task scores each sample into a small record (plain Python data, so shards can be gathered and merged), then
+aggregates the records of the whole run with the metric functions of this package. A prediction is a
+:class:`SamplePrediction`: the generated text, the route tokens emitted, and per decoder the route token and (in
+routed mode) the phrase of each query group with the decoder's result. In teacher-forced mode ``phrases`` is None:
+the prompt lists every category / keypoint in dataset order, so a group index is the dataset index.
+
+Routed predictions map phrases to the dataset's vocabulary by :func:`normalize_name` (a phrase that names nothing
+is dropped). ``None`` as a prediction is a miss (missing or wrong route): no detections, empty text, 0 similarity.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from superlink import RouteTable
+
+from ..data.coco import CocoDataset, CocoKeypointDataset, RefCocoDataset
+from ..data.readers import EditDataset, TaskDataset, TextToImageDataset
+from ..data.records import TaskSample
+from ..data.templates import Templates
+from .metrics_clip import ClipScorer, clip_score, edit_metrics
+from .metrics_coco import coco_eval, detections_to_coco, keypoint_sigmas, keypoints_to_coco, load_coco
+from .metrics_ground import aligned_box_iou, iou_summary, mask_counts, pck, rec_accuracy, top1
+from .metrics_text import caption_metrics, vqa_accuracy
+from .readers import CaptionDataset, VqaDataset
+
+__all__ = ["TASKS", "BenchTask", "DecoderPrediction", "SamplePrediction", "TaskOptions", "build_task",
+           "normalize_name"]
+
+
+@dataclass
+class DecoderPrediction:
+    """What one decoder made of one sample's query groups.
+
+    Attributes:
+        group_routes: the route token of each group, in group order.
+        phrases: the phrase the model wrote before each group (routed), or None (teacher-forced).
+        result: the decoder's per-sample result (dict of tensors, or a PIL image); None on error.
+        error: a message when the decoder is missing or failed.
+    """
+
+    group_routes: list[str]
+    phrases: list[str] | None = None
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass
+class SamplePrediction:
+    """One sample's prediction: the generated text, the route tokens emitted (in order) and the decoder outputs."""
+
+    text: str = ""
+    routes: list[str] = field(default_factory=list)
+    outputs: dict[str, DecoderPrediction] = field(default_factory=dict)
+
+
+@dataclass
+class TaskOptions:
+    """Task settings from the command line.
+
+    Attributes:
+        clip: the CLIP scorer (gen, edit).
+        sigmas: OKS sigmas (pose); default from the skeleton.
+        pck_alpha: PCK threshold as a fraction of the box's longer side (pose).
+        iou_threshold: REC hit threshold.
+    """
+
+    clip: ClipScorer | None = None
+    sigmas: Sequence[float] | None = None
+    pck_alpha: float = 0.2
+    iou_threshold: float = 0.5
+
+
+def normalize_name(text: str) -> str:
+    """Lowercase, underscores to spaces, punctuation dropped, whitespace collapsed."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.replace("_", " ").lower()).split())
+
+
+def _array(value: Any) -> np.ndarray:
+    return np.asarray(value.detach().cpu() if hasattr(value, "detach") else value, dtype=np.float64)
+
+
+def _list(value: Any) -> list:
+    return _array(value).tolist()
+
+
+def _output(pred: SamplePrediction | None, decoder: str) -> DecoderPrediction | None:
+    """The usable output of ``decoder`` (None: a miss, a decoder error, or no result)."""
+    out = pred.outputs.get(decoder) if pred is not None else None
+    if out is None or out.error is not None or out.result is None:
+        return None
+    return out
+
+
+def _coco_image_id(dataset: TaskDataset, index: int) -> int:
+    """The COCO image id of item ``index`` of a COCO-file reader."""
+    position = dataset.items[index]
+    position = position[0] if isinstance(position, tuple) else position
+    return int(dataset.coco.images[position]["id"])
+
+
+class BenchTask:
+    """One benchmark task (subclasses fill in the reader, routes, scoring and aggregation).
+
+    Attributes:
+        name: the ``vllm2 bench`` task name.
+        route_tasks: the data tasks whose routes a correct answer emits (empty: a text answer).
+        teacher_forced: whether the task can run teacher-forced (it has a decoder).
+        max_new_tokens: the default answer budget in routed mode (VQA 10 and captions 30 as in the official
+            evaluation; detection room for every COCO category).
+    """
+
+    name: ClassVar[str] = ""
+    route_tasks: ClassVar[tuple[str, ...]] = ()
+    teacher_forced: ClassVar[bool] = True
+    max_new_tokens: ClassVar[int] = 64
+
+    def __init__(self, options: TaskOptions | None = None) -> None:
+        self.options = options or TaskOptions()
+        self.routes: RouteTable | None = None
+
+    def bind(self, routes: RouteTable) -> BenchTask:
+        """Attach the route table (the task's route tokens and decoders come from it)."""
+        self.routes = routes
+        for task in self.route_tasks:
+            routes.route_for_task(task)
+        return self
+
+    def expected_routes(self) -> tuple[str, ...]:
+        """The route tokens a correct answer emits (each at least once, no other)."""
+        return tuple(dict.fromkeys(self.routes.route_for_task(t) for t in self.route_tasks))
+
+    def decoder(self, task: str | None = None) -> str:
+        """The decoder that receives the task's main groups (for pose: the absorbing pose decoder)."""
+        token = self.routes.route_for_task(task or self.route_tasks[-1])
+        return self.routes.route(token).decoder
+
+    def decoder_options(self) -> dict[str, dict[str, Any]]:
+        """Keyword options for the decoders' ``predict``."""
+        return {}
+
+    def build_dataset(self, path: Path, image_root: Path | None, templates: Templates, mode: str,
+                      **common: Any) -> TaskDataset:
+        """The task's reader over the annotation file ``path`` in reader ``mode`` (``"question"`` or
+        ``"teacher_forced"``); ``common`` goes to the reader (``max_image_pixels``, ...)."""
+        raise NotImplementedError
+
+    def check_options(self) -> None:
+        """Raise ``ValueError`` when a needed option is missing (called before any compute)."""
+
+    def score(self, dataset: TaskDataset, index: int, sample: TaskSample, pred: SamplePrediction | None) -> dict:
+        """The score record of item ``index`` (plain data); ``pred`` None is a miss."""
+        raise NotImplementedError
+
+    def aggregate(self, dataset: TaskDataset, records: list[dict]) -> dict[str, Any]:
+        """The metrics of a run from the records of all its items, in item order."""
+        raise NotImplementedError
+
+
+class DetectionTask(BenchTask):
+    """COCO detection: bbox AP / AP50 / AP75 against the annotation file (images of the run only)."""
+
+    name = "det"
+    route_tasks = ("det",)
+    max_new_tokens = 1024
+    data_task: ClassVar[str] = "det"
+    iou_types: ClassVar[tuple[str, ...]] = ("bbox",)
+
+    def decoder_options(self) -> dict[str, dict[str, Any]]:
+        return {self.decoder(): {"mode": "det", "return_masks": "segm" in self.iou_types}}
+
+    def build_dataset(self, path, image_root, templates, mode, **common):
+        return CocoDataset(path, image_root, task=self.data_task, templates=templates, mode=mode, **common)
+
+    def category_ids(self, dataset: CocoDataset, out: DecoderPrediction) -> list[int | None]:
+        """Dataset category id of each group: by position (teacher-forced) or by the phrase (routed)."""
+        if out.phrases is None:
+            return list(dataset.category_ids)
+        index = {normalize_name(n): dataset.category_ids[k] for k, n in enumerate(dataset.names)}
+        return [index.get(normalize_name(p)) for p in out.phrases]
+
+    def score(self, dataset, index, sample, pred):
+        image_id = _coco_image_id(dataset, index)
+        out = _output(pred, self.decoder())
+        if out is None:
+            return {"image_id": image_id, "results": []}
+        results = detections_to_coco(image_id, out.result, self.category_ids(dataset, out),
+                                     with_masks="segm" in self.iou_types)
+        return {"image_id": image_id, "results": results}
+
+    def aggregate(self, dataset, records):
+        gt = load_coco(str(dataset.path))
+        ids = sorted({r["image_id"] for r in records})
+        results = [x for r in records for x in r["results"]]
+        return {t: coco_eval(gt, results, t, image_ids=ids) for t in self.iou_types}
+
+
+class SegmentationTask(DetectionTask):
+    """COCO instance segmentation: bbox and segm AP."""
+
+    name = "seg"
+    route_tasks = ("instance_seg",)
+    data_task = "instance_seg"
+    iou_types = ("bbox", "segm")
+
+
+class RecTask(BenchTask):
+    """Referring expression comprehension: Acc@0.5 of the top-1 box."""
+
+    name = "rec"
+    route_tasks = ("rec",)
+    masks: ClassVar[bool] = False
+
+    def decoder_options(self) -> dict[str, dict[str, Any]]:
+        return {self.decoder(): {"mode": "grounding", "return_masks": self.masks}}
+
+    def build_dataset(self, path, image_root, templates, mode, **common):
+        return RefCocoDataset(path, image_root, task=self.name, templates=templates, mode=mode, **common)
+
+    def score(self, dataset, index, sample, pred):
+        target = sample.targets[self.decoder()]
+        out = _output(pred, self.decoder())
+        box = top1(out.result, "boxes") if out is not None else None
+        record = {"pred": None if box is None else _list(box), "gt": _list(target["boxes"][0])}
+        if self.masks:
+            mask = top1(out.result, "masks") if out is not None else None
+            record["inter"], record["union"] = mask_counts(mask, target["masks"][0])
+        return record
+
+    def aggregate(self, dataset, records):
+        preds, gts = [r["pred"] for r in records], [r["gt"] for r in records]
+        metrics = {f"Acc@{self.options.iou_threshold}": rec_accuracy(preds, gts, self.options.iou_threshold)}
+        hit = [p is not None for p in preds]
+        if any(hit):
+            ious = aligned_box_iou(np.asarray([p for p in preds if p is not None]),
+                                   np.asarray([g for p, g in zip(preds, gts) if p is not None]))
+            metrics["mean_box_IoU"] = float(ious.sum() / len(preds))
+        else:
+            metrics["mean_box_IoU"] = 0.0
+        if self.masks:
+            metrics.update(iou_summary([r["inter"] for r in records], [r["union"] for r in records]))
+        return metrics
+
+
+class ResTask(RecTask):
+    """Referring expression segmentation: cIoU and mIoU of the top-1 mask (and the box Acc@0.5)."""
+
+    name = "res"
+    route_tasks = ("res",)
+    masks = True
+
+
+class PoseTask(BenchTask):
+    """Keypoints: COCO keypoint AP (OKS with per-skeleton sigmas) and PCK@alpha of the top-1 instance against the
+    image's first ground-truth instance (PCK is meant for single-instance datasets). All skeletons of the file must
+    have the same number of keypoints."""
+
+    name = "pose"
+    route_tasks = ("det", "pose")
+    max_new_tokens = 512
+
+    def build_dataset(self, path, image_root, templates, mode, **common):
+        dataset = CocoKeypointDataset(path, image_root, templates=templates, mode=mode, **common)
+        sizes = {len(names) for _, _, names in dataset.skeletons}
+        if len(sizes) > 1:
+            raise ValueError(f"{path}: keypoint AP needs one skeleton size per file, found sizes {sorted(sizes)}")
+        if self.options.sigmas is not None and len(self.options.sigmas) not in sizes:
+            raise ValueError(f"--sigmas: {len(self.options.sigmas)} values for {sizes.pop()} keypoints")
+        return dataset
+
+    def _mapped(self, dataset: CocoKeypointDataset, skeleton: int,
+                out: DecoderPrediction) -> tuple[list[int | None], np.ndarray]:
+        """Category id of each object group and the keypoints ``[n, Kp, 3]`` in skeleton order."""
+        category, name, names = dataset.skeletons[skeleton]
+        keypoints = _array(out.result["keypoints"])  # [n, Kp', 3]
+        if out.phrases is None:
+            if keypoints.shape[1] != len(names):
+                raise ValueError(f"teacher-forced pose: {keypoints.shape[1]} keypoint groups for {len(names)} names")
+            return [category], keypoints
+        pose_token = self.routes.route_for_task("pose")
+        objects = [p for p, r in zip(out.phrases, out.group_routes) if r != pose_token]
+        parts = [p for p, r in zip(out.phrases, out.group_routes) if r == pose_token]
+        cats = [category if normalize_name(p) == normalize_name(name) else None for p in objects]
+        slot = {normalize_name(n): k for k, n in enumerate(names)}
+        ordered = np.zeros((len(keypoints), len(names), 3))  # [n, Kp, 3]; unnamed keypoints stay at (0, 0, 0)
+        seen: set[int] = set()
+        for j, phrase in enumerate(parts[: keypoints.shape[1]]):
+            k = slot.get(normalize_name(phrase))
+            if k is not None and k not in seen:
+                ordered[:, k] = keypoints[:, j]
+                seen.add(k)
+        return cats, ordered
+
+    def score(self, dataset, index, sample, pred):
+        position, skeleton = dataset.items[index]
+        image_id = _coco_image_id(dataset, index)
+        target = sample.targets[self.decoder()]
+        gt = ([_list(target["keypoints"][0]), _list(target["boxes"][0])] if len(target["boxes"]) else None)
+        out = _output(pred, self.decoder())
+        if out is None:
+            return {"image_id": image_id, "results": [], "top1": None, "gt": gt}
+        cats, keypoints = self._mapped(dataset, skeleton, out)
+        result = {"keypoints": keypoints, "scores": out.result["scores"], "labels": out.result["labels"]}
+        results = keypoints_to_coco(image_id, result, cats)
+        best = max(results, key=lambda r: r["score"]) if results else None
+        return {"image_id": image_id, "results": results, "gt": gt,
+                "top1": np.asarray(best["keypoints"]).reshape(-1, 3).tolist() if best else None}
+
+    def aggregate(self, dataset, records):
+        gt = load_coco(str(dataset.path))
+        ids = sorted({r["image_id"] for r in records})
+        results = [x for r in records for x in r["results"]]
+        sigmas = self.options.sigmas
+        if sigmas is None:
+            names = dataset.skeletons[0][2]
+            sigmas = keypoint_sigmas(len(names), names).tolist()
+        with_gt = [r for r in records if r["gt"] is not None]
+        alpha = self.options.pck_alpha
+        return {"keypoints": coco_eval(gt, results, "keypoints", image_ids=ids, sigmas=sigmas),
+                f"PCK@{alpha}": pck([r["top1"] for r in with_gt], [r["gt"][0] for r in with_gt],
+                                    [r["gt"][1] for r in with_gt], alpha)}
+
+
+class VqaTask(BenchTask):
+    """VQA accuracy (official normalisation, leave-one-out over the human answers)."""
+
+    name = "vqa"
+    teacher_forced = False
+    max_new_tokens = 10
+
+    def build_dataset(self, path, image_root, templates, mode, **common):
+        return VqaDataset(path, image_root, templates=templates, mode=mode, **common)
+
+    def score(self, dataset, index, sample, pred):
+        return {"answer": pred.text if pred is not None else "", "answers": dataset.answers(index)}
+
+    def aggregate(self, dataset, records):
+        return {"accuracy": vqa_accuracy([r["answer"] for r in records], [r["answers"] for r in records])}
+
+
+class CaptionTask(BenchTask):
+    """Captioning: CIDEr (CIDEr-D) and BLEU-4."""
+
+    name = "caption"
+    teacher_forced = False
+    max_new_tokens = 30
+
+    def build_dataset(self, path, image_root, templates, mode, **common):
+        return CaptionDataset(path, image_root, templates=templates, mode=mode, **common)
+
+    def score(self, dataset, index, sample, pred):
+        return {"caption": pred.text if pred is not None else "", "references": dataset.references(index)}
+
+    def aggregate(self, dataset, records):
+        return dict(caption_metrics([r["caption"] for r in records], [r["references"] for r in records]))
+
+
+class _ClipTask(BenchTask):
+    def check_options(self) -> None:
+        if self.options.clip is None:
+            raise ValueError(f"task {self.name!r} needs a CLIP model: give --clip-model and --clip-weights")
+
+    def aggregate(self, dataset, records):
+        keys = [k for k in records[0] if k != "missing"] if records else []
+        metrics = {k: float(np.mean([r[k] for r in records])) for k in keys}
+        metrics["missing"] = int(sum(r["missing"] for r in records))
+        return metrics
+
+
+class GenTask(_ClipTask):
+    """Text-to-image: CLIP score of the generated image against the caption (a miss scores 0)."""
+
+    name = "gen"
+    route_tasks = ("t2i",)
+
+    def build_dataset(self, path, image_root, templates, mode, **common):
+        return TextToImageDataset(path, image_root, templates=templates, mode=mode, **common)
+
+    def score(self, dataset, index, sample, pred):
+        out = _output(pred, self.decoder())
+        if out is None:
+            return {"CLIP-score": 0.0, "missing": True}
+        caption = sample.targets[self.decoder()]["caption"]
+        return {"CLIP-score": clip_score(self.options.clip, [out.result], [caption]), "missing": False}
+
+
+class EditTask(_ClipTask):
+    """Editing: CLIP-I (to the target image), CLIP-T and directional CLIP similarity (a miss scores 0).
+
+    The text of CLIP-T and of the direction comes from the record: ``output_caption`` (and ``input_caption``) when
+    present, else the instruction (see :func:`~vllm2.bench.metrics_clip.edit_metrics`).
+    """
+
+    name = "edit"
+    route_tasks = ("edit",)
+
+    def build_dataset(self, path, image_root, templates, mode, **common):
+        return EditDataset(path, image_root, templates=templates, mode=mode, **common)
+
+    def score(self, dataset, index, sample, pred):
+        out = _output(pred, self.decoder())
+        if out is None:
+            return {"CLIP-I": 0.0, "CLIP-T": 0.0, "CLIP-dir": 0.0, "missing": True}
+        record = dataset.record(index)
+        in_caps = [record["input_caption"]] if "input_caption" in record else None
+        out_caps = [record["output_caption"]] if "output_caption" in record else None
+        metrics = edit_metrics(self.options.clip, sample.images[:1], [out.result],
+                               [sample.targets[self.decoder()]["image"]], [record["instruction"]], in_caps, out_caps)
+        return {**metrics, "missing": False}
+
+
+TASKS: dict[str, type[BenchTask]] = {cls.name: cls for cls in (
+    DetectionTask, SegmentationTask, RecTask, ResTask, PoseTask, VqaTask, CaptionTask, GenTask, EditTask)}
+
+
+def build_task(name: str, options: TaskOptions | None = None) -> BenchTask:
+    """The task named ``name`` (one of :data:`TASKS`)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown benchmark task {name!r} (known: {sorted(TASKS)})")
+    return TASKS[name](options)
