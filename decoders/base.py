@@ -7,11 +7,12 @@ width, its own image preprocessing, its losses and its post-processing. It knows
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from superlink import Route
 
@@ -19,8 +20,8 @@ __all__ = ["Decoder", "DecoderOutput", "register_decoder", "build_decoder", "DEC
 
 
 @dataclass
-class DecoderOutput:
-    """What a decoder returns in training.
+class DecoderOutput(ModelOutput):
+    """What a decoder returns in training (a ``ModelOutput``, i.e. a dict, so ZeRO-3's hooks find its tensors).
 
     Attributes:
         loss: weighted total loss of this decoder (scalar), or None when no target was given.
@@ -28,8 +29,8 @@ class DecoderOutput:
         preds: raw predictions (decoder specific), useful for debugging and tests.
     """
 
-    loss: torch.Tensor | None
-    loss_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+    loss_dict: dict[str, torch.Tensor] | None = None
     preds: Any = None
 
 

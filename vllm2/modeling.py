@@ -49,6 +49,7 @@ class VisionLLMv2Config(PretrainedConfig):
         self.vllm2 = vllm2 or {}
         self.llm_config = llm_config or {}
         self.token_ids = token_ids or {}
+        self.hidden_size = self.llm_config.get("hidden_size")  # read by DeepSpeed's "auto" bucket sizes
         super().__init__(**kwargs)
 
     @property
@@ -223,8 +224,11 @@ class VisionLLMv2Model(PreTrainedModel):
 
     @property
     def query_weight(self) -> torch.Tensor:
-        """All query tables concatenated in route-table order ``[sum_K, C]``."""
-        return torch.cat([t.weight for t in self._query_tables()], 0)
+        """All query tables concatenated in route-table order ``[sum_K, C]`` (through the modules' forward, so ZeRO-3
+        gathers their parameters)."""
+        tables = self._query_tables()
+        device = tables[0].weight.device
+        return torch.cat([t(torch.arange(t.num_embeddings, device=device)) for t in tables], 0)
 
     def embed_inputs(
         self,
@@ -327,7 +331,7 @@ class VisionLLMv2Model(PreTrainedModel):
         prepared = _to_device(decoder.prepare(inputs["images"], inputs["targets"]), groups.states.device)
         decoder_out = decoder(groups.states, groups.mask, prepared, groups.route_ids)
         weight = self.cfg.training.loss_weights.get(name, 1.0)
-        return weight * decoder_out.loss, {k: weight * v.detach() for k, v in decoder_out.loss_dict.items()}
+        return weight * decoder_out.loss, {k: weight * v.detach() for k, v in (decoder_out.loss_dict or {}).items()}
 
 
 def _to_device(data: Any, device: torch.device) -> Any:

@@ -112,8 +112,8 @@ class TaskAlignedBatchSampler(Sampler[list[int]]):
             yield batch
 
 
-class _DecoderLossLog(TrainerCallback):
-    """Adds the running mean of each decoder's loss to the Trainer's logs."""
+class _LossMeans:
+    """Running means of the LM loss and each decoder's loss terms between two log lines."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -127,10 +127,10 @@ class _DecoderLossLog(TrainerCallback):
         for key, value in items.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
 
-    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        if logs is not None and "loss" in logs and self.count:
-            logs.update({f"loss/{k}": round(v / self.count, 6) for k, v in self.sums.items()})
-            self.sums, self.count = {}, 0
+    def pop(self) -> dict[str, float]:
+        means = {f"loss/{k}": round(v / self.count, 6) for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return means
 
 
 class _EpochSync(TrainerCallback):
@@ -151,8 +151,7 @@ class VLLM2Trainer(Trainer):
         super().__init__(*args, **kwargs)
         self.project = project
         self.tasks = list(tasks)
-        self.loss_log = _DecoderLossLog()
-        self.add_callback(self.loss_log)
+        self.loss_means = _LossMeans()
         self.add_callback(_EpochSync(self.train_dataset))
 
     def get_train_dataloader(self) -> DataLoader:
@@ -176,11 +175,16 @@ class VLLM2Trainer(Trainer):
             self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs = {**logs, **self.loss_means.pop()}  # per-decoder losses beside the total
+        super().log(logs, start_time)
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         outputs = model(**inputs)
         if model.training:
-            self.loss_log.add(outputs.loss_dict or {}, outputs.lm_loss)
+            self.loss_means.add(outputs.loss_dict or {}, outputs.lm_loss)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
 
@@ -216,14 +220,14 @@ def training_arguments(cfg: VLLM2Config, resume_dir: str | None = None) -> Train
     )
 
 
-def train(cfg: VLLM2Config, resume: bool | str | None = None) -> Path:
-    """Build the model and the data mixture from ``cfg``, train, and export the final model.
+def train(cfg: VLLM2Config, resume: bool | str | None = None) -> VLLM2Trainer:
+    """Build the model and the data mixture from ``cfg``, train, and export the final model to ``OUTPUT_DIR/final``.
 
     Args:
         cfg: the project config (``training`` and ``data`` sections).
         resume: True to continue from the latest checkpoint in ``training.output_dir``, or a checkpoint folder.
     Returns:
-        The export folder ``OUTPUT_DIR/final``.
+        The trainer (``trainer.model`` is the trained model, ``trainer.final_dir`` the export folder).
     """
     from transformers import set_seed
 
@@ -233,21 +237,22 @@ def train(cfg: VLLM2Config, resume: bool | str | None = None) -> Path:
 
     t = cfg.training
     set_seed(t.seed)
-    args = training_arguments(cfg)  # first: it sets up the distributed state (and ZeRO-3 init) before the model
+    # The model is built before the TrainingArguments switch on the DeepSpeed integration: ZeRO-3 then partitions
+    # the whole, already built model when the engine starts (the LLM alone is not built inside zero.Init).
     model = build_model(cfg)
     model.load_pretrained_components()
     if t.freeze:
         logger.info("froze %d parameter tensors under %s", apply_freeze(model, t.freeze), t.freeze)
+    args = training_arguments(cfg)
     processor = VisionLLMv2Processor.from_config(cfg)
     dataset = build_mixture(cfg, processor.routes)
     trainer = VLLM2Trainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(processor, t.max_length),
                            project=cfg, tasks=dataset.tasks)
     trainer.train(resume_from_checkpoint=resume)
-    final = Path(t.output_dir) / "final"
-    trainer.save_model(str(final))
+    trainer.final_dir = Path(t.output_dir) / "final"
+    trainer.save_model(str(trainer.final_dir))
     if trainer.is_world_process_zero():
-        processor.save_pretrained(final)
-    bad = getattr(dataset, "bad_records", None)
-    if bad:
-        logger.warning("skipped %d bad records: %s", len(bad), bad[:20])
-    return final
+        processor.save_pretrained(trainer.final_dir)
+    if dataset.bad_count:
+        logger.warning("skipped %d bad records: %s", dataset.bad_count, dataset.bad_records[:20])
+    return trainer

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch(args, argv)
+    import torch
+
     from ..config import load_config
     from ..training import train
 
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    final = train(cfg, resume=args.resume)
-    print(f"final model: {final}")
+    trainer = train(cfg, resume=args.resume)
+    if trainer.is_world_process_zero():
+        print(f"final model: {trainer.final_dir}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
