@@ -14,6 +14,7 @@ from PIL import Image
 from superlink import QueryGroups, gather_queries
 
 from .generation import generate
+from .modeling import to_device
 from .processor import Sample
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ChatResult", "RouteOutput", "chat", "route_phrases"]
 
+_ARTICLE = re.compile(r"^(the|a|an)\s+", re.IGNORECASE)
 _PHRASE_SPLIT = re.compile(r",|;|\.|:|\band\b|\bfor\b|\bof\b|\bare\b|\bis\b|\bthe results\b", re.IGNORECASE)
 
 
@@ -57,12 +59,13 @@ class ChatResult:
 def route_phrases(text_before: Sequence[str]) -> list[str]:
     """The phrase each route refers to, from the text written before each route token.
 
-    ``<det>phrase</det>`` spans win; otherwise the words after the last separator (comma, "and", "for", ...).
+    ``<det>phrase</det>`` spans win; otherwise the words after the last separator (comma, "and", "for", ...),
+    without a leading article.
     """
     phrases = []
     for before in text_before:
         tagged = re.findall(r"<det>(.*?)</det>\s*$", before)
-        phrase = tagged[0] if tagged else _PHRASE_SPLIT.split(before)[-1]
+        phrase = tagged[0] if tagged else _ARTICLE.sub("", _PHRASE_SPLIT.split(before)[-1].strip())
         phrases.append(phrase.strip(" \n'\""))
     return phrases
 
@@ -168,7 +171,8 @@ def _run_decoder(model, name: str, groups: QueryGroups, images, phrases, results
         return
     decoder = model.get_submodule(name)
     try:
-        inputs = decoder.prepare([images[b][0] if images[b] else None for b in index])
+        inputs = to_device(decoder.prepare([images[b][0] if images[b] else None for b in index]),
+                            groups.states.device)
         preds = decoder.predict(groups.states, groups.mask, inputs, groups.route_ids, **options)
     except Exception as err:  # a failing decoder must not end the conversation
         logger.exception("decoder %s failed", name)

@@ -328,20 +328,20 @@ class VisionLLMv2Model(PreTrainedModel):
             raise ValueError(f"decoder {name!r}: targets for samples {batch_index.tolist()} but route groups in "
                              f"samples {found}")
         decoder = self.get_submodule(name)
-        prepared = _to_device(decoder.prepare(inputs["images"], inputs["targets"]), groups.states.device)
+        prepared = to_device(decoder.prepare(inputs["images"], inputs["targets"]), groups.states.device)
         decoder_out = decoder(groups.states, groups.mask, prepared, groups.route_ids)
         weight = self.cfg.training.loss_weights.get(name, 1.0)
         return weight * decoder_out.loss, {k: weight * v.detach() for k, v in (decoder_out.loss_dict or {}).items()}
 
 
-def _to_device(data: Any, device: torch.device) -> Any:
+def to_device(data: Any, device: torch.device) -> Any:
     """Move the tensors of a nested dict/list structure to ``device``."""
     if isinstance(data, torch.Tensor):
         return data.to(device)
     if isinstance(data, dict):
-        return {k: _to_device(v, device) for k, v in data.items()}
+        return {k: to_device(v, device) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
-        return type(data)(_to_device(v, device) for v in data)
+        return type(data)(to_device(v, device) for v in data)
     return data
 
 
