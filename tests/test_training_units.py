@@ -69,3 +69,17 @@ def test_task_aligned_batches_are_deterministic_per_epoch():
     assert list(s) == first
     s.set_epoch(1)
     assert list(s) != first
+
+
+def test_stage_recipes_load_and_freeze_what_they_say():
+    from pathlib import Path
+
+    from vllm2 import load_config
+
+    stages = Path(__file__).resolve().parents[1] / "configs" / "stages"
+    stage1 = load_config(stages / "stage1.yaml")
+    assert stage1.decoders == {} and stage1.llm.hidden_size == 4096
+    stage2 = load_config(stages / "stage2.yaml")
+    assert set(stage2.decoders) == {"gdino", "keypoint", "sd", "ip2p"} and stage2.training.lr_multipliers["llm"] == 0.1
+    stage3 = load_config(stages / "stage3.yaml")
+    assert "llm" in stage3.training.freeze and stage3.data == stage2.data
