@@ -306,16 +306,13 @@ def test_bleu_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A random tiny open_clip model from the repo config (text vocabulary sized for open_clip's tokenizer), saved."""
+    """A random tiny open_clip model from the repo config, saved."""
     import open_clip
 
     folder = tmp_path_factory.mktemp("clip")
-    cfg = json.loads((REPO / "configs/open_clip/vllm2-tiny-vit.json").read_text())
-    cfg["text_cfg"]["vocab_size"] = 49408
-    (folder / "vllm2-tiny-vit-text.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder)
+    open_clip.add_model_config(REPO / "configs" / "open_clip")
     torch.manual_seed(0)
-    model = open_clip.create_model("vllm2-tiny-vit-text").eval()
+    model = open_clip.create_model("vllm2-tiny-vit").eval()
     torch.save(model.state_dict(), folder / "weights.pt")
     return model, folder / "weights.pt"
 
@@ -328,13 +325,13 @@ def _direct_embeds(model, images=None, texts=None) -> torch.Tensor:
             transform = open_clip.image_transform(model.visual.image_size, is_train=False)
             x = model.encode_image(torch.stack([transform(im) for im in images]))
         else:
-            x = model.encode_text(open_clip.get_tokenizer("vllm2-tiny-vit-text")(texts))
+            x = model.encode_text(open_clip.get_tokenizer("vllm2-tiny-vit")(texts))
     return x / x.norm(dim=-1, keepdim=True)
 
 
 def test_clip_metrics_equal_direct_computation(tiny_clip):
     model, path = tiny_clip
-    scorer = load_clip_scorer("vllm2-tiny-vit-text", path)
+    scorer = load_clip_scorer("vllm2-tiny-vit", path)
     for (name, a), b in zip(scorer.model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     images = [make_image(64, 48, seed=s) for s in range(3)]
@@ -362,6 +359,10 @@ def test_clip_loader_errors(tmp_path):
     open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_clip_scorer("vllm2-tiny-vit", tmp_path / "missing.pt")
-    torch.save(open_clip.create_model("vllm2-tiny-vit").state_dict(), tmp_path / "small.pt")
-    with pytest.raises(ValueError, match="text_cfg.vocab_size"):  # the repo config's 256-token text tower
-        load_clip_scorer("vllm2-tiny-vit", tmp_path / "small.pt")
+    cfg = json.loads((REPO / "configs/open_clip/vllm2-tiny-vit.json").read_text())
+    cfg["text_cfg"]["vocab_size"] = 256  # too small for open_clip's tokenizer
+    (tmp_path / "vllm2-small-vocab.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    torch.save(open_clip.create_model("vllm2-small-vocab").state_dict(), tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="text_cfg.vocab_size"):
+        load_clip_scorer("vllm2-small-vocab", tmp_path / "small.pt")

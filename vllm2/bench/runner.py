@@ -26,6 +26,7 @@ from superlink import RouteTable
 
 from ..data.readers import TaskDataset
 from ..data.records import TaskSample
+from ..modeling import to_device
 from ..processor import Sample
 from .tasks import BenchTask, DecoderPrediction, SamplePrediction
 
@@ -78,16 +79,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _to_device(data: Any, device: torch.device) -> Any:
-    if isinstance(data, torch.Tensor):
-        return data.to(device)
-    if isinstance(data, dict):
-        return {k: _to_device(v, device) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return type(data)(_to_device(v, device) for v in data)
-    return data
-
-
 def routed_predictor(
     model: VisionLLMv2Model,
     processor: VisionLLMv2Processor,
@@ -129,7 +120,7 @@ def teacher_forced_predictor(
                 raise ValueError(f"the answers route to decoder {name!r}, which the model does not have")
             index = groups.batch_index.tolist()
             decoder = model.get_submodule(name)
-            inputs = _to_device(decoder.prepare([samples[b].images[0] if samples[b].images else None
+            inputs = to_device(decoder.prepare([samples[b].images[0] if samples[b].images else None
                                                  for b in index]), device)
             results = decoder.predict(groups.states, groups.mask, inputs, groups.route_ids, **options.get(name, {}))
             for row, (b, result) in enumerate(zip(index, results)):
