@@ -1,9 +1,10 @@
 # `make venv` builds .venv with pinned packages (idempotent: re-runs only when requirements or setup.py change).
-# `make test` runs the whole suite; `make demo` runs the main job on the embedded default.
+# `make test` runs the whole suite (installing chromium for the browser test when missing); `make demo` runs the main
+# job on the embedded default.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: venv test demo clean
+.PHONY: venv browser test demo clean
 
 venv: $(STAMP)
 
@@ -13,7 +14,11 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: venv
+# Headless Chromium for the browser test of the web demo (Debian's package; playwright never downloads one).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: venv browser
 	$(PY) -m pytest -q tests
 
 demo: venv

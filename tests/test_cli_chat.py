@@ -1,0 +1,115 @@
+"""``vllm2 chat`` in process: one-shot JSON, the REPL commands, clean errors, and ``--help`` of the commands."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image
+from vllm2.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+SAMPLE = str(ROOT / "data" / "samples" / "shapes.png")
+TOKENS = ["--max-new-tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The model and processor the CLI builds from ``--config configs/tiny.yaml`` (seed 0), for direct answers."""
+    from vllm2.cli.common import load_model
+
+    model, processor, untrained = load_model(argparse.Namespace(model=None, config=TINY, overrides=[], seed=0))
+    assert untrained
+    return model, processor
+
+
+def _answer(reference, image: str, prompt: str, history=()) -> str:
+    model, processor = reference
+    return model.chat(processor, [image], [prompt], history=[list(history)], max_new_tokens=6)[0].text
+
+
+def _json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_one_shot_json(reference, tmp_path, capsys):
+    code = main(["chat", "--config", TINY, "--image", SAMPLE, "--prompt", "What is in the image?", "--json",
+                 "--out", str(tmp_path), *TOKENS])
+    captured = capsys.readouterr()
+    assert code == 0
+    (turn,) = _json_lines(captured.out)
+    assert turn["turn"] == 0 and turn["prompt"] == "What is in the image?" and isinstance(turn["outputs"], list)
+    assert turn["text"] == _answer(reference, SAMPLE, "What is in the image?")
+    assert "UNTRAINED" in captured.err
+
+
+def test_repl_history_reset_image_and_quit(reference, tmp_path, monkeypatch, capsys):
+    other = tmp_path / "other.png"
+    make_image(80, 60, seed=3).save(other)
+    script = [
+        "What is it?",
+        "Tell me more.",  # sees the first turn
+        "/reset",
+        "Tell me more.",  # fresh history
+        f"/image {tmp_path / 'missing.png'}",  # reported, the session goes on
+        f"/image {other}",  # new image, fresh history
+        "What is it?",
+        "/quit",
+        "never answered",
+    ]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(script) + "\n"))
+    code = main(["chat", "--config", TINY, "--image", SAMPLE, "--json", "--out", str(tmp_path / "out"), *TOKENS])
+    captured = capsys.readouterr()
+    assert code == 0
+    turns = _json_lines(captured.out)
+    assert [t["turn"] for t in turns] == [0, 1, 2, 3]
+    assert [t["prompt"] for t in turns] == ["What is it?", "Tell me more.", "Tell me more.", "What is it?"]
+    first = _answer(reference, SAMPLE, "What is it?")
+    history = [("user", "<image>\nWhat is it?"), ("assistant", first)]
+    assert turns[0]["text"] == first
+    assert turns[1]["text"] == _answer(reference, SAMPLE, "Tell me more.", history)
+    assert turns[2]["text"] == _answer(reference, SAMPLE, "Tell me more.")
+    assert turns[3]["text"] == _answer(reference, str(other), "What is it?")
+    assert "missing.png" in captured.err and "does not exist" in captured.err
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--image", "no/such/image.png"], "no/such/image.png"),
+    (["--image", SAMPLE, "--region", "1,2,3"], "--region"),
+    (["--image", SAMPLE, "--point", "500,5"], "outside"),
+])
+def test_bad_input_is_a_clean_error(args, named, tmp_path, capsys):
+    code = main(["chat", "--config", TINY, "--prompt", "What is it?", "--out", str(tmp_path), *args])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("error: ") and named in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_corrupt_image_is_a_clean_error(tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    assert main(["chat", "--config", TINY, "--image", str(bad), "--prompt", "What is it?"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "broken.png" in err and "Traceback" not in err
+
+
+def test_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "chat" in out and "demo" in out
+    assert main(["no-such-command"]) == 2
+    assert "subcommands:" in capsys.readouterr().out
+    for command, flags in [("chat", ["--prompt", "--image", "--json", "REPL"]),
+                           ("demo", ["--host", "127.0.0.1", "--port", "--max-file-size", "UNTRAINED"])]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: vllm2 {command}") and all(flag in out for flag in flags)
