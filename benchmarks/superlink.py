@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from superlink import BoundRoutes, RouteTable, gather_queries, placeholder_sequence, splice_queries  # noqa: E402
 
-FIRST_SPECIAL_ID = 32012  # official id of the first route token; placeholders follow the route tokens
+TEXT_VOCAB = 32000  # a Llama-size text vocabulary; route and placeholder tokens take the ids after it
 
 
 def build_batch(
@@ -52,10 +52,10 @@ def build_batch(
         row: list[int] = []
         previous = 0
         for cut, token in zip(cuts, tokens):
-            row += [rng.randrange(3, 32000) for _ in range(cut - previous)]
+            row += [rng.randrange(3, TEXT_VOCAB) for _ in range(cut - previous)]
             row += [ids[token]] + [ids[p] for p in placeholder_sequence(table.route(token).num_queries)]
             previous = cut
-        rows.append(row + [rng.randrange(3, 32000) for _ in range(text - previous)])
+        rows.append(row + [rng.randrange(3, TEXT_VOCAB) for _ in range(text - previous)])
     full_ids = torch.tensor(rows, device=args.device)  # [B, L]
     full_embeds = torch.randn(*full_ids.shape, args.dim, generator=torch.Generator().manual_seed(args.seed))
     full_embeds = full_embeds.to(args.device)  # [B, L, C]
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     torch.set_num_threads(args.threads)
 
     table = RouteTable.default()
-    ids = {t: FIRST_SPECIAL_ID + i for i, t in enumerate(table.route_tokens + table.placeholder_tokens)}
+    ids = {t: TEXT_VOCAB + i for i, t in enumerate(table.route_tokens + table.placeholder_tokens)}
     bound: BoundRoutes = table.bind(ids.__getitem__).to(args.device)
     full_ids, full_embeds, short_ids, short_embeds = build_batch(table, ids, args)
     query_weight = torch.randn(bound.total_queries, args.dim, device=args.device)  # [Q, C]

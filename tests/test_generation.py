@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
-from superlink import RouteTable, gather_queries, splice_queries
+from superlink import RouteTable, gather_queries, query_position_mask, splice_queries
 from vllm2.generation import GenerationOutput, generate
 
 TABLE = RouteTable.default()
@@ -155,3 +155,20 @@ def test_bad_prompts_raise() -> None:
         generate(llm, embeds, mask, BOUND, weight, llm.get_input_embeddings(), max_new_tokens=2, stop_strings=["x"])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(llm, embeds, mask, BOUND, weight, llm.get_input_embeddings(), max_new_tokens=0)
+
+
+def test_placeholders_are_never_sampled() -> None:
+    """Even when the scores prefer a placeholder id, generation never writes one outside a spliced group."""
+    llm = tiny_llm("eager")
+    placeholder = int(BOUND.placeholder_ids[0])
+
+    def prefer_placeholder(sampled: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        boosted = scores.clone()
+        boosted[:, placeholder] = boosted.max() + 100.0
+        return boosted
+
+    embeds, mask = left_padded(llm, PROMPTS)
+    out = generate(llm, embeds, mask, BOUND, torch.zeros(BOUND.total_queries, 32), llm.get_input_embeddings(),
+                   max_new_tokens=MAX_NEW, logits_processor=prefer_placeholder)
+    is_placeholder = BOUND.is_placeholder(out.sequences)  # [B, T]
+    assert torch.equal(is_placeholder, query_position_mask(out.sequences, BOUND))  # only inside spliced groups

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from superlink import QueryGroups, gather_queries
+from superlink import QueryGroups, RouteTable, gather_queries
 
 from .generation import generate
 from .modeling import to_device
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChatResult", "RouteOutput", "chat", "route_phrases"]
+__all__ = ["ChatResult", "RouteOutput", "chat", "history_text", "route_phrases"]
 
 _ARTICLE = re.compile(r"^(the|a|an)\s+", re.IGNORECASE)
 _PHRASE_SPLIT = re.compile(r",|;|\.|:|\band\b|\bfor\b|\bof\b|\bare\b|\bis\b|\bthe results\b", re.IGNORECASE)
@@ -54,6 +54,12 @@ class ChatResult:
 
     text: str
     outputs: list[RouteOutput] = field(default_factory=list)
+
+
+def history_text(text: str, routes: RouteTable) -> str:
+    """An answer as an earlier turn for the model: each route token followed again by its query placeholders."""
+    pattern = "|".join(re.escape(t) for t in routes.route_tokens)
+    return re.sub(pattern, lambda m: routes.answer_suffix(m[0]), text) if pattern else text
 
 
 def route_phrases(text_before: Sequence[str]) -> list[str]:

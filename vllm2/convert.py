@@ -743,7 +743,7 @@ def convert_official(
     routes = cfg.route_table()
     tokenizer = load_official_tokenizer(src, routes)
     token_ids = check_token_ids(tokenizer, routes, llm_config["vocab_size"])
-    _check_triggers(official, token_ids)
+    _check_triggers(official, token_ids, routes)
 
     model = build_target(cfg, llm_config, token_ids, dtype)
     spec = TargetSpec.of(model)
@@ -771,9 +771,9 @@ def convert_official(
     return report
 
 
-def _check_triggers(official: Mapping[str, Any], token_ids: Mapping[str, int]) -> None:
-    """The SD/IP2P configs' ``trigger_token_id`` (when set) must be our [GEN]/[EDIT] id."""
-    for key, token in (("sd_config", "[GEN]"), ("ip2p_config", "[EDIT]")):
+def _check_triggers(official: Mapping[str, Any], token_ids: Mapping[str, int], routes: RouteTable) -> None:
+    """The SD/IP2P configs' ``trigger_token_id`` (when set) must be the id of our t2i/edit route token."""
+    for key, token in (("sd_config", routes.route_for_task("t2i")), ("ip2p_config", routes.route_for_task("edit"))):
         sub = official.get(key) or {}
         trigger = sub.get("trigger_token_id")
         if trigger is not None and token in token_ids and trigger != token_ids[token]:

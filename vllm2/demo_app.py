@@ -9,7 +9,6 @@ the images it generated or edited. Decoder and input errors appear as messages i
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +16,9 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from superlink import RouteTable, placeholder_sequence
 
-from .chat import ChatResult
+
+from .chat import ChatResult, history_text
 from .images import to_rgb
 from .region import box_to_mask, point_to_mask
 from .tokenizer import IMAGE_TOKEN, REGION_TOKEN
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from .modeling import VisionLLMv2Model
     from .processor import VisionLLMv2Processor
 
-__all__ = ["Conversation", "DemoChat", "build_demo", "history_text", "launch_demo", "parse_region"]
+__all__ = ["Conversation", "DemoChat", "build_demo", "launch_demo", "parse_region"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +86,6 @@ def annotate(image: Image.Image, result: ChatResult, region: np.ndarray | None) 
         if isinstance(output.result, dict):
             canvas = draw_result(canvas, output.result, output.phrases)
     return canvas
-
-
-def history_text(text: str, routes: RouteTable) -> str:
-    """An answer as an earlier turn for the model: each route token followed again by its query placeholders."""
-    pattern = "|".join(re.escape(t) for t in routes.route_tokens)
-    return re.sub(pattern, lambda m: m[0] + "".join(placeholder_sequence(routes.route(m[0]).num_queries)), text)
 
 
 def _error_lines(result: ChatResult) -> list[str]:

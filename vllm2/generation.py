@@ -60,12 +60,15 @@ def _check_prompt(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max
 def _next_tokens(
     history: torch.Tensor,
     logits: torch.Tensor,
+    blocked: torch.Tensor,
     logits_processor: LogitsProcessor | None,
     warpers: LogitsProcessorList | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Greedy or sampled next token ``[B]`` from logits ``[B, V]`` given the tokens sampled so far ``[B, t]``."""
+    """Greedy or sampled next token ``[B]`` from logits ``[B, V]`` given the tokens sampled so far ``[B, t]``.
+    Placeholder ids are never chosen: only the splice writes them."""
     scores = logits if logits_processor is None else logits_processor(history, logits)  # [B, V]
+    scores = scores.index_fill(1, blocked, float("-inf"))  # [B, V]
     if warpers is None:
         return scores.argmax(-1)
     probs = torch.softmax(warpers(history, scores), dim=-1)  # [B, V]
@@ -153,7 +156,7 @@ def generate(
     steps_ids, steps_hidden, steps_valid = [], [], []
     while bool(active.any()):
         sampled = torch.stack(history, 1) if history else torch.zeros(batch, 0, dtype=torch.long, device=device)
-        tokens = _next_tokens(sampled, logits, logits_processor, warpers, generator)  # [B]
+        tokens = _next_tokens(sampled, logits, bound.placeholder_ids, logits_processor, warpers, generator)  # [B]
         tokens = torch.where(active, tokens, pad_token_id)  # [B]
         history.append(tokens)
         done = active & torch.isin(tokens, stop_ids)  # [B]

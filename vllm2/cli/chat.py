@@ -15,17 +15,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..chat import ChatResult, RouteOutput
+from ..chat import ChatResult, RouteOutput, history_text
 from ..images import load_image
 from ..region import box_to_mask, point_to_mask
 from ..visualize import draw_result
 from .common import add_model_args, load_model, setup_logging
 
-HELP_REPL = "commands: /image PATH (new image, resets history), /reset, /quit"
+HELP_REPL = "REPL commands: /image PATH (new image, resets history), /reset (forget history), /quit"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm2 chat", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vllm2 chat", description=__doc__, epilog=HELP_REPL,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--image", metavar="PATH", help="the image to talk about (optional for text-only chat)")
@@ -149,6 +149,6 @@ def main(argv: list[str] | None = None) -> int:
             continue
         result = _turn(model, processor, args, image, regions, history, line, turn)
         history += [("user", ("<image>\n" if image is not None and not history else "") + line),
-                    ("assistant", result.text)]
+                    ("assistant", history_text(result.text, model.routes))]
         turn += 1
     return 0
