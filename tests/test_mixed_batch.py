@@ -1,4 +1,5 @@
-"""One micro-batch mixing VQA, detection, pose, generation and editing samples through the whole model."""
+"""One micro-batch mixing VQA, detection, grounding, segmentation, pose, generation and editing samples through the
+whole model."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ def _mixed(processor):
     targets.append({})
     samples.append(Sample([("user", "<image>\nFind the square."), ("assistant", f"square{det}, circle{det}.")], [img]))
     targets.append({"gdino": {"boxes": box, "labels": torch.tensor([0])}})
+    grd = routes.answer_suffix(routes.route_for_task("rec"))
+    seg = routes.answer_suffix(routes.route_for_task("semantic_seg"))
+    mask = torch.zeros(1, 64, 96, dtype=torch.bool)
+    mask[0, 8:40, 10:50] = True
+    samples.append(Sample([("user", "<image>\nWhere is the red square?"), ("assistant", f"It is {grd}.")], [img]))
+    targets.append({"gdino": {"boxes": box, "labels": torch.tensor([0])}})
+    samples.append(Sample([("user", "<image>\nSegment the square."), ("assistant", f"square{seg}.")], [img]))
+    targets.append({"gdino": {"boxes": box, "labels": torch.tensor([0]), "masks": mask}})
     samples.append(Sample([("user", "<image>\nPose?"),
                            ("assistant", f"person{det}. head{pose}, hand{pose}, foot{pose}.")], [img]))
     targets.append({"keypoint": {"boxes": box, "labels": torch.tensor([0]), "keypoints": kps}})
@@ -58,5 +67,5 @@ def test_targets_without_groups_are_refused(tiny_cfg, tiny_processor):
     model = build_model(tiny_cfg)
     batch, decoder_inputs = _mixed(tiny_processor)
     bad = {"sd": dict(decoder_inputs["sd"], batch_index=torch.tensor([0]))}
-    with pytest.raises(ValueError, match="decoder 'sd': targets for samples \\[0\\] but route groups in samples \\[3\\]"):
+    with pytest.raises(ValueError, match="decoder 'sd': targets for samples \\[0\\] but route groups in samples \\[5\\]"):
         model(**batch, decoder_inputs=bad)
