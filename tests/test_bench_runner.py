@@ -548,3 +548,35 @@ def test_cli_gdino_tasks_teacher_forced_end_to_end(tmp_path, name):
         assert set(metrics) == {"bbox"} and 0 <= metrics["bbox"]["AP"] <= 1
     else:
         assert 0 <= metrics["cIoU"] <= 1 and 0 <= metrics["Acc@0.5"] <= 1
+
+
+@pytest.mark.parametrize("name, mode", [("det", "routed"), ("det", "teacher-forced"), ("pose", "routed"),
+                                        ("pose", "teacher-forced")])
+def test_cli_det_and_pose_both_modes_sharded_equals_single(tmp_path, name, mode):
+    """`vllm2 bench det|pose` on the tiny config in both modes; with --nproc 2 (torchrun, gloo) for one mode each,
+    the merged result equals the single-process one."""
+    import os
+    import subprocess
+    import sys
+
+    from vllm2.cli.bench import main
+
+    path = write_coco(tmp_path) if name == "det" else write_keypoints(tmp_path)
+    args = [name, "--config", "tiny", "--data", str(path), "--mode", mode, "--batch-size", "2", "--device", "cpu",
+            "--max-new-tokens", "8"]
+    assert main([*args, "--out", str(tmp_path / "single.json")]) == 0
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert single["mode"] == mode and single["num_samples"] >= 2
+    assert ("routing_accuracy" in single) == (mode == "routed")
+    if (name, mode) not in {("det", "teacher-forced"), ("pose", "routed")}:
+        return
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vllm2.cli", "bench", *args, "--nproc", "2",
+                           "--out", str(tmp_path / "sharded.json")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sharded = json.loads((tmp_path / "sharded.json").read_text())
+    assert sharded["run"]["nproc"] == 2
+    assert sharded["metrics"] == single["metrics"] and sharded["num_samples"] == single["num_samples"]
+    assert sharded.get("routing_accuracy") == single.get("routing_accuracy")
+    assert sharded["model"]["weights_sha256"] == single["model"]["weights_sha256"]
