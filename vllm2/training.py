@@ -144,6 +144,21 @@ class _EpochSync(TrainerCallback):
             self.dataset.set_epoch(int(state.epoch or 0))
 
 
+class _ClearStaleZero3Grads(TrainerCallback):
+    """ZeRO-3 keeps each parameter's reduced gradient partition in one flat buffer and overwrites it only for the
+    parameters that received a gradient, so a decoder absent from a step would be updated again with its previous
+    gradient. Zeroing the buffer after every optimizer step makes absent modules get no update, as without ZeRO-3."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        optimizer = getattr(self.trainer.model_wrapped, "optimizer", None)
+        buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+        if buffer is not None:
+            buffer.zero_()
+
+
 class VLLM2Trainer(Trainer):
     """``Trainer`` with task-aligned batches, path-matched lr multipliers and per-decoder loss logs."""
 
@@ -153,6 +168,7 @@ class VLLM2Trainer(Trainer):
         self.tasks = list(tasks)
         self.loss_means = _LossMeans()
         self.add_callback(_EpochSync(self.train_dataset))
+        self.add_callback(_ClearStaleZero3Grads(self))
 
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
