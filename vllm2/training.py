@@ -204,7 +204,7 @@ class VLLM2Trainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
 
-def training_arguments(cfg: VLLM2Config, resume_dir: str | None = None) -> TrainingArguments:
+def training_arguments(cfg: VLLM2Config) -> TrainingArguments:
     """Map the project's training config onto ``TrainingArguments`` (bf16 on GPU, fp32 + gloo on CPU)."""
     t = cfg.training
     cuda = torch.cuda.is_available()

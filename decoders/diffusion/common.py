@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..base import Decoder
+from ..base import Decoder, DecoderOutput
 from .components import (
     SCHEDULER_CLASSES,
     build_text_encoder,
@@ -258,6 +258,47 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
                 self.sd_text_encoder, self.sd_tokenizer, [captions[i] for i in keep], self.config.num_prompt_tokens
             )  # [M, T, C]
         return F.mse_loss(prompts[keep].float(), text.float())
+
+    def conditioning(self, prompts: torch.Tensor, inputs: dict[str, Any], sample_index: torch.Tensor,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's conditioning for the valid groups: prompt embeddings ``[N, T, C]`` (after conditioning
+        dropout in training) and the input-image latents ``[N, c, h, w]`` or None."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        query_mask: torch.Tensor,
+        inputs: dict[str, Any],
+        route_ids: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """Training losses for every valid group (each group denoises towards its sample's target image).
+
+        Args:
+            queries: ``[B, G, K, C_llm]`` query states.
+            query_mask: ``[B, G]`` bool.
+            inputs: from :meth:`prepare`; an optional ``"generator"`` fixes noise, timesteps and dropout.
+            route_ids: unused.
+
+        Returns:
+            ``DecoderOutput(loss, {"loss_diffusion", "loss_align"?}, preds=prompt embeddings [N, T, C])``;
+            ``loss`` is None without targets.
+        """
+        prompts, sample_index = self.group_prompts(queries, query_mask)  # [N, T, C], [N]
+        if "target_pixels" not in inputs:
+            return DecoderOutput(loss=None, preds=prompts)
+        if prompts.shape[0] == 0:
+            zero = self.zero_loss(queries)
+            return DecoderOutput(loss=zero, loss_dict={"loss_diffusion": zero}, preds=prompts)
+        generator = inputs.get("generator")
+        latents = self.encode_latents(inputs["target_pixels"], sample=True, generator=generator)[sample_index]
+        condition, image_latents = self.conditioning(prompts, inputs, sample_index, generator)  # [N, T, C]
+        losses = {"loss_diffusion": self.denoising_loss(latents, condition, image_latents, generator)}
+        captions = inputs.get("captions") or [None] * queries.shape[0]
+        align = self.alignment_loss(prompts, [captions[i] for i in sample_index.tolist()])
+        if align is not None:
+            losses["loss_align"] = self.config.align_loss_weight * align
+        return DecoderOutput(loss=sum(losses.values()), loss_dict=losses, preds=prompts)
 
     def zero_loss(self, queries: torch.Tensor) -> torch.Tensor:
         """A zero loss connected to the query states and the mapper (no valid group in the batch)."""

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 from PIL import Image
 
-from ..base import DecoderOutput, register_decoder
+from ..base import register_decoder
 from .common import LatentDiffusionDecoder, check_image, image_to_pixels, ip2p_drop_masks
 from .config import IP2PConfig
 
@@ -68,48 +68,18 @@ class InstructPix2PixDecoder(LatentDiffusionDecoder):
             prepared["captions"] = [target.get("caption") for target in targets]
         return prepared
 
-    def forward(
-        self,
-        queries: torch.Tensor,
-        query_mask: torch.Tensor,
-        inputs: dict[str, Any],
-        route_ids: torch.Tensor | None = None,
-    ) -> DecoderOutput:
-        """Training losses for every valid group (each group edits its sample's input towards its target).
-
-        Args:
-            queries: ``[B, G, K, C_llm]`` query states.
-            query_mask: ``[B, G]`` bool.
-            inputs: from :meth:`prepare`; an optional ``"generator"`` fixes noise, timesteps and dropout.
-            route_ids: unused.
-
-        Returns:
-            ``DecoderOutput(loss, {"loss_diffusion", "loss_align"?}, preds=prompt embeddings [N, T, C])``;
-            ``loss`` is None without targets.
-        """
-        prompts, sample_index = self.group_prompts(queries, query_mask)  # [N, T, C], [N]
-        if "target_pixels" not in inputs:
-            return DecoderOutput(loss=None, preds=prompts)
-        if prompts.shape[0] == 0:
-            zero = self.zero_loss(queries)
-            return DecoderOutput(loss=zero, loss_dict={"loss_diffusion": zero}, preds=prompts)
-        generator = inputs.get("generator")
-        latents = self.encode_latents(inputs["target_pixels"], sample=True, generator=generator)[sample_index]
+    def conditioning(self, prompts: torch.Tensor, inputs: dict[str, Any], sample_index: torch.Tensor,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts and input-image latents, with the IP2P text / image / both dropout in training."""
         image_latents = self.encode_latents(inputs["input_pixels"], sample=False)[sample_index]  # [N, c, h, w]
-        condition = prompts  # [N, T, C]
-        if self.training:
-            cfg = self.config
-            drop_text, drop_image = ip2p_drop_masks(
-                prompts.shape[0], cfg.text_drop_prob, cfg.image_drop_prob, cfg.both_drop_prob, generator, self.device
-            )  # [N], [N]
-            condition = torch.where(drop_text[:, None, None], self.null_prompt(prompts.shape[0]), prompts)
-            image_latents = image_latents * (~drop_image).to(image_latents.dtype)[:, None, None, None]
-        losses = {"loss_diffusion": self.denoising_loss(latents, condition, image_latents, generator)}
-        captions = inputs.get("captions") or [None] * queries.shape[0]
-        align = self.alignment_loss(prompts, [captions[i] for i in sample_index.tolist()])
-        if align is not None:
-            losses["loss_align"] = self.config.align_loss_weight * align
-        return DecoderOutput(loss=sum(losses.values()), loss_dict=losses, preds=prompts)
+        if not self.training:
+            return prompts, image_latents
+        cfg = self.config
+        drop_text, drop_image = ip2p_drop_masks(
+            prompts.shape[0], cfg.text_drop_prob, cfg.image_drop_prob, cfg.both_drop_prob, generator, self.device
+        )  # [N], [N]
+        prompts = torch.where(drop_text[:, None, None], self.null_prompt(prompts.shape[0]), prompts)
+        return prompts, image_latents * (~drop_image).to(image_latents.dtype)[:, None, None, None]
 
     @torch.no_grad()
     def predict(

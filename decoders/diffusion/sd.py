@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ..base import DecoderOutput, register_decoder
+from ..base import register_decoder
 from .common import LatentDiffusionDecoder, check_image, drop_mask, image_to_pixels
 from .config import SDConfig
 
@@ -55,43 +55,13 @@ class StableDiffusionDecoder(LatentDiffusionDecoder):
         ]
         return {"target_pixels": torch.stack(pixels), "captions": [target.get("caption") for target in targets]}
 
-    def forward(
-        self,
-        queries: torch.Tensor,
-        query_mask: torch.Tensor,
-        inputs: dict[str, Any],
-        route_ids: torch.Tensor | None = None,
-    ) -> DecoderOutput:
-        """Training losses for every valid group (each group is denoised towards its sample's target image).
-
-        Args:
-            queries: ``[B, G, K, C_llm]`` query states.
-            query_mask: ``[B, G]`` bool.
-            inputs: from :meth:`prepare`; an optional ``"generator"`` fixes noise, timesteps and dropout.
-            route_ids: unused.
-
-        Returns:
-            ``DecoderOutput(loss, {"loss_diffusion", "loss_align"?}, preds=prompt embeddings [N, T, C])``;
-            ``loss`` is None without targets.
-        """
-        prompts, sample_index = self.group_prompts(queries, query_mask)  # [N, T, C], [N]
-        if "target_pixels" not in inputs:
-            return DecoderOutput(loss=None, preds=prompts)
-        if prompts.shape[0] == 0:
-            zero = self.zero_loss(queries)
-            return DecoderOutput(loss=zero, loss_dict={"loss_diffusion": zero}, preds=prompts)
-        generator = inputs.get("generator")
-        latents = self.encode_latents(inputs["target_pixels"], sample=True, generator=generator)[sample_index]
-        condition = prompts  # [N, T, C]
-        if self.training:
-            dropped = drop_mask(prompts.shape[0], self.config.cfg_drop_prob, generator, self.device)  # [N]
-            condition = torch.where(dropped[:, None, None], self.null_prompt(prompts.shape[0]), prompts)
-        losses = {"loss_diffusion": self.denoising_loss(latents, condition, generator=generator)}
-        captions = inputs.get("captions") or [None] * queries.shape[0]
-        align = self.alignment_loss(prompts, [captions[i] for i in sample_index.tolist()])
-        if align is not None:
-            losses["loss_align"] = self.config.align_loss_weight * align
-        return DecoderOutput(loss=sum(losses.values()), loss_dict=losses, preds=prompts)
+    def conditioning(self, prompts: torch.Tensor, inputs: dict[str, Any], sample_index: torch.Tensor,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, None]:
+        """Prompts, each replaced by the null prompt with probability ``cfg_drop_prob`` in training."""
+        if not self.training:
+            return prompts, None
+        dropped = drop_mask(prompts.shape[0], self.config.cfg_drop_prob, generator, self.device)  # [N]
+        return torch.where(dropped[:, None, None], self.null_prompt(prompts.shape[0]), prompts), None
 
     @torch.no_grad()
     def predict(
