@@ -323,6 +323,21 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
             raise ValueError(f"{self.name}.predict: scheduler must be one of {sorted(SCHEDULER_CLASSES)}")
         return resolved
 
+    def pipeline(self, pipeline_cls: type, scheduler: str) -> Any:
+        """A diffusers pipeline over this decoder's VAE and UNet, fed prompt embeddings (no text encoder)."""
+        pipeline = pipeline_cls(
+            vae=self.sd_vae,
+            text_encoder=None,
+            tokenizer=None,
+            unet=self.sd_unet,
+            scheduler=self.make_scheduler(scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
     def make_scheduler(self, name: str) -> Any:
         """A fresh inference scheduler of kind ``name`` on this decoder's noise schedule."""
         return SCHEDULER_CLASSES[name].from_config(self.scheduler_config)

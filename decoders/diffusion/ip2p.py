@@ -109,17 +109,7 @@ class InstructPix2PixDecoder(LatentDiffusionDecoder):
         results: list[Image.Image | None] = [None] * queries.shape[0]
         if prompts.shape[0] == 0:
             return results
-        pipeline = StableDiffusionInstructPix2PixPipeline(
-            vae=self.sd_vae,
-            text_encoder=None,
-            tokenizer=None,
-            unet=self.sd_unet,
-            scheduler=self.make_scheduler(opts["scheduler"]),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = self.pipeline(StableDiffusionInstructPix2PixPipeline, opts["scheduler"])
         dtype = self.sd_unet.dtype
         pixels = inputs["input_pixels"][sample_index.cpu()].to(self.device)  # [N, 3, R, R]
         images = pipeline(

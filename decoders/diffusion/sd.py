@@ -90,17 +90,7 @@ class StableDiffusionDecoder(LatentDiffusionDecoder):
         results: list[Image.Image | None] = [None] * queries.shape[0]
         if prompts.shape[0] == 0:
             return results
-        pipeline = StableDiffusionPipeline(
-            vae=self.sd_vae,
-            text_encoder=None,
-            tokenizer=None,
-            unet=self.sd_unet,
-            scheduler=self.make_scheduler(opts["scheduler"]),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = self.pipeline(StableDiffusionPipeline, opts["scheduler"])
         dtype = self.sd_unet.dtype
         images = pipeline(
             prompt_embeds=prompts.to(dtype),
