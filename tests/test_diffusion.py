@@ -291,6 +291,40 @@ def test_editing_returns_images_of_the_input_size() -> None:
         ip2p.predict(queries, mask, {})
 
 
+@pytest.mark.parametrize("name", ["sd", "ip2p"])
+def test_pixel_space_diffusion(name: str) -> None:
+    """``vae_type="pixel"``: latents are the pixels, the pipelines run at scale 1, and the UNet learns on pixels."""
+    from decoders.diffusion.components import PixelSpace
+
+    pixel = {"vae_type": "pixel", "vae_latent_channels": 3, "vae_scaling_factor": 1.0, "train_unet": True,
+             "resolution": 16}
+    no_drop = ("cfg_drop_prob",) if name == "sd" else ("text_drop_prob", "image_drop_prob", "both_drop_prob")
+    make = tiny_sd_config if name == "sd" else tiny_ip2p_config
+    decoder = build_decoder(name, make(**pixel, **dict.fromkeys(no_drop, 0.0)), LLM)
+    assert isinstance(decoder.sd_vae, PixelSpace) and not list(decoder.sd_vae.parameters())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(decoder.encode_latents(x, sample=True), x)
+    assert torch.equal(decoder.sd_vae.decode(x).sample, x)
+    inputs = decoder.prepare([blob_image(16, 16, 1)], [{"image": blob_image(16, 16, 2)}])
+    queries, mask = one_group()
+    queries = torch.nn.Parameter(queries)
+    optimizer = torch.optim.AdamW([queries, *decoder.parameters()], lr=2e-3, weight_decay=0.0)
+    before = mean_eval_loss(decoder, queries, mask, inputs)
+    for _ in range(25):
+        loss = decoder(queries, mask, inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert mean_eval_loss(decoder, queries, mask, inputs) <= 0.5 * before
+    decoder.eval()
+    image = decoder.predict(queries.detach(), mask, decoder.prepare([blob_image(16, 16, 1)]), num_inference_steps=2)[0]
+    assert image.size == (16, 16)
+    with pytest.raises(ValueError, match="vae_type"):
+        make(vae_type="pixel")  # 4 latent channels
+    with pytest.raises(ValueError, match="vae_type"):
+        make(vae_type="latent")
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 

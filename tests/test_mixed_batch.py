@@ -69,3 +69,24 @@ def test_targets_without_groups_are_refused(tiny_cfg, tiny_processor):
     bad = {"sd": dict(decoder_inputs["sd"], batch_index=torch.tensor([0]))}
     with pytest.raises(ValueError, match="decoder 'sd': targets for samples \\[0\\] but route groups in samples \\[5\\]"):
         model(**batch, decoder_inputs=bad)
+
+
+def test_llm_tokenizer_feeds_the_alignment_loss(tiny_processor):
+    """``text_tokenizer: llm``: loading the components gives the diffusion decoder the LLM's tokenizer, so the
+    alignment loss (mapper output vs. the frozen text encoder's embedding of the caption) trains; a text encoder
+    vocabulary smaller than the tokenizer is refused, naming the field."""
+    from vllm2 import load_config
+
+    sd = ["decoders.sd.use_text_encoder=true", "decoders.sd.text_tokenizer=llm", "decoders.sd.align_loss_weight=1.0"]
+    model = build_model(load_config("tiny", [*sd, "decoders.sd.text_encoder_vocab_size=640"])).train()
+    assert model.sd.sd_tokenizer is None
+    model.load_pretrained_components()
+    assert len(model.sd.sd_tokenizer) == len(tiny_processor.tokenizer)
+    batch, decoder_inputs = _mixed(tiny_processor)
+    out = model(**batch, decoder_inputs={"sd": decoder_inputs["sd"]})
+    assert out.loss_dict["sd/loss_align"] > 0
+    grad = torch.autograd.grad(out.loss, model.sd.llm2sd_mapper_queries)[0]
+    assert grad.abs().sum() > 0
+    small = build_model(load_config("tiny", [*sd, "decoders.sd.text_encoder_vocab_size=64"]))
+    with pytest.raises(ValueError, match="text_encoder_vocab_size"):
+        small.load_pretrained_components()

@@ -206,7 +206,8 @@ class VisionLLMv2Model(PreTrainedModel):
     # -------------------------------------------------------------------------------------------- weights
 
     def load_pretrained_components(self) -> None:
-        """Load the component weights named in the config from local folders (vision, LLM, decoders)."""
+        """Load the component weights named in the config from local folders (vision, LLM, decoders), and give the
+        diffusion decoders with ``text_tokenizer: llm`` the LLM's tokenizer."""
         cfg = self.cfg
         if cfg.vision.pretrained:
             self.vis_encoder.load_pretrained(cfg.vision.pretrained)
@@ -219,6 +220,8 @@ class VisionLLMv2Model(PreTrainedModel):
             path = getattr(cfg.decoders[name], "pretrained_path", None)
             if path:
                 decoder.load_pretrained(path)
+            if getattr(cfg.decoders[name], "text_tokenizer", None) == "llm":
+                decoder.set_tokenizer(load_tokenizer(*cfg.tokenizer_source(), routes=self.routes))
 
     # -------------------------------------------------------------------------------------------- embedding
 

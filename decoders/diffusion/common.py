@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
 
 from ..base import Decoder, DecoderOutput
 from .components import (
@@ -119,7 +119,7 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
         self.sd_unet = build_unet(config, config.vae_latent_channels * self.latent_groups)
         self.sd_vae = build_vae(config)
         self.sd_text_encoder = build_text_encoder(config) if config.use_text_encoder else None
-        self.sd_tokenizer: CLIPTokenizer | None = None
+        self.sd_tokenizer: PreTrainedTokenizerBase | None = None
         self.scheduler_config = scheduler_config(config)
         self.sd_noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         if config.null_prompt == "learned":
@@ -186,8 +186,14 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
                 )  # [1, T, C]
         return self.empty_prompt_embeds.to(self.llm2sd_mapper_queries.dtype).expand(n, -1, -1)  # [n, T, C]
 
-    def set_tokenizer(self, tokenizer: CLIPTokenizer | None) -> None:
-        """Set the CLIP tokenizer used for the alignment loss and the empty-prompt embedding."""
+    def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Set the text encoder's tokenizer (CLIP's, or with ``text_tokenizer="llm"`` the LLM's) used for the
+        alignment loss and the empty-prompt embedding."""
+        if tokenizer is not None and self.sd_text_encoder is not None:
+            size, vocab = len(tokenizer), self.config.text_encoder_vocab_size
+            if size > vocab:
+                raise ValueError(f"{self.name}.text_encoder_vocab_size: {vocab} is smaller than the tokenizer's "
+                                 f"{size} tokens")
         self.sd_tokenizer = tokenizer
         self.empty_prompt_embeds = None
 
@@ -205,8 +211,7 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
         Returns:
             ``[B, latent_channels, H / f, W / f]``.
         """
-        vae_param = next(self.sd_vae.parameters())
-        posterior = self.sd_vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+        posterior = self.sd_vae.encode(pixels.to(device=self.sd_vae.device, dtype=self.sd_vae.dtype)).latent_dist
         if sample:
             return posterior.sample(generator) * self.sd_vae.config.scaling_factor  # [B, c, h, w]
         return posterior.mode()  # [B, c, h, w]

@@ -21,6 +21,10 @@ from diffusers import (
     PNDMScheduler,
     UNet2DConditionModel,
 )
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -30,6 +34,7 @@ from .config import DiffusionConfig
 __all__ = [
     "SCHEDULER_CLASSES",
     "build_unet",
+    "PixelSpace",
     "build_vae",
     "build_text_encoder",
     "scheduler_config",
@@ -68,8 +73,36 @@ def build_unet(config: DiffusionConfig, in_channels: int) -> UNet2DConditionMode
     )
 
 
-def build_vae(config: DiffusionConfig) -> AutoencoderKL:
-    """A random-init KL autoencoder with one down/up block per ``vae_block_out_channels`` entry."""
+class PixelSpace(ModelMixin, ConfigMixin):
+    """The identity "autoencoder" of pixel-space diffusion: latents are the pixels in [-1, 1].
+
+    It speaks ``AutoencoderKL``'s interface (``encode(x).latent_dist``, ``decode(z).sample``, ``config.scaling_factor``
+    and ``config.latent_channels``; one ``block_out_channels`` entry, so the pipelines' scale factor is 1), which lets
+    the diffusers pipelines run a small UNet directly on pixels, where no trained VAE exists.
+    """
+
+    @register_to_config
+    def __init__(self, latent_channels: int = 3, scaling_factor: float = 1.0,
+                 block_out_channels: tuple[int, ...] = (3,)) -> None:
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # carries the device and dtype
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        """A point-mass posterior at ``x`` ``[B, 3, H, W]``."""
+        dist = DiagonalGaussianDistribution(torch.cat([x, torch.zeros_like(x)], dim=1), deterministic=True)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
+               ) -> DecoderOutput | tuple:
+        """The latents themselves, ``[B, 3, H, W]``."""
+        return DecoderOutput(sample=z) if return_dict else (z,)
+
+
+def build_vae(config: DiffusionConfig) -> AutoencoderKL | PixelSpace:
+    """A random-init KL autoencoder with one down/up block per ``vae_block_out_channels`` entry, or the identity of
+    pixel-space diffusion when ``config.vae_type == "pixel"``."""
+    if config.vae_type == "pixel":
+        return PixelSpace(latent_channels=config.vae_latent_channels, scaling_factor=config.vae_scaling_factor)
     num_blocks = len(config.vae_block_out_channels)
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * num_blocks,

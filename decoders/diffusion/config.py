@@ -39,10 +39,17 @@ class DiffusionConfig:
     Diffusion model (random init from these fields; ``load_pretrained`` fills the weights):
         resolution: square training image side in pixels, and the default generation size (multiple of 8).
         unet_*: ``UNet2DConditionModel`` fields (``unet_attention_head_dim`` is diffusers' per-block head count).
+        vae_type: ``"kl"`` (an ``AutoencoderKL``; latent diffusion as in Stable Diffusion) or ``"pixel"`` (no
+            autoencoder: the UNet denoises pixels, for small models trained from scratch; needs 3 latent channels
+            and scaling factor 1).
         vae_*: ``AutoencoderKL`` fields; one down/up block per entry of ``vae_block_out_channels``.
         use_text_encoder, text_encoder_*: the frozen CLIP text encoder (width = ``cross_attention_dim``, context =
             ``num_prompt_tokens``) used for the alignment loss and the empty-prompt embedding. Its tokenizer comes
             only from ``load_pretrained`` (or ``set_tokenizer``).
+        text_tokenizer: where the text encoder's tokenizer comes from: ``"clip"`` (the ``tokenizer`` subfolder read
+            by ``load_pretrained``) or ``"llm"`` (the project's LLM tokenizer, set by the model when it loads its
+            components: a frozen random text encoder then still gives the alignment loss a distinct target per
+            caption, which teaches the query states to carry the caption when no CLIP weights exist).
         num_train_timesteps, beta_start, beta_end, beta_schedule, prediction_type: the noise schedule (used when no
             pretrained ``scheduler`` folder is loaded).
 
@@ -90,11 +97,13 @@ class DiffusionConfig:
     vae_latent_channels: int = 4
     vae_norm_num_groups: int = 32
     vae_scaling_factor: float = 0.18215
+    vae_type: str = "kl"
     use_text_encoder: bool = True
     text_encoder_layers: int = 12
     text_encoder_heads: int = 12
     text_encoder_ffn_dim: int = 3072
     text_encoder_vocab_size: int = 49408
+    text_tokenizer: str = "clip"
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -122,6 +131,10 @@ class DiffusionConfig:
         """Raise ``ValueError`` naming the first invalid field."""
         if self.resolution <= 0 or self.resolution % 8:
             self._fail("resolution", f"must be a positive multiple of 8, got {self.resolution}")
+        if self.vae_type not in ("kl", "pixel"):
+            self._fail("vae_type", f"must be 'kl' or 'pixel', got {self.vae_type!r}")
+        if self.vae_type == "pixel" and (self.vae_latent_channels != 3 or self.vae_scaling_factor != 1.0):
+            self._fail("vae_type", "'pixel' needs vae_latent_channels=3 and vae_scaling_factor=1.0")
         if self.null_prompt not in NULL_PROMPT_MODES:
             self._fail("null_prompt", f"must be one of {NULL_PROMPT_MODES}, got {self.null_prompt!r}")
         if self.inference_scheduler not in INFERENCE_SCHEDULERS:
@@ -136,6 +149,8 @@ class DiffusionConfig:
             self._fail("unet_down_block_types", "needs one entry per unet_block_out_channels entry")
         if len(self.unet_up_block_types) != len(self.unet_block_out_channels):
             self._fail("unet_up_block_types", "needs one entry per unet_block_out_channels entry")
+        if self.text_tokenizer not in ("clip", "llm"):
+            self._fail("text_tokenizer", f"must be 'clip' or 'llm', got {self.text_tokenizer!r}")
         if self.null_prompt == "empty" and not self.use_text_encoder:
             self._fail("null_prompt", "'empty' needs use_text_encoder=True; use 'learned' without a text encoder")
         if self.align_loss_weight < 0:
@@ -147,7 +162,7 @@ class DiffusionConfig:
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell."""
-        return 2 ** (len(self.vae_block_out_channels) - 1)
+        return 1 if self.vae_type == "pixel" else 2 ** (len(self.vae_block_out_channels) - 1)
 
 
 def _check_probability(config: DiffusionConfig, name: str) -> None:

@@ -435,11 +435,12 @@ class Templates:
         return Rendered(question, answer, {self.decoder("t2i"): {"image": image, "caption": caption}})
 
     def edit(self, instruction: str, output: Image.Image, rng: np.random.Generator | None) -> Rendered:
-        """Instruction editing: the input image is the sample's image; the target is the edited image."""
+        """Instruction editing: the input image is the sample's image; the target is the edited image with the
+        instruction as its caption (the prompt text of InstructPix2Pix, read by the alignment loss)."""
         instruction = self.check_text(instruction, "instruction")
         question = self.phrase("edit_question", rng).format(instruction=instruction.strip().rstrip("."))
         answer = self.phrase("generation_answer", rng).format(results=self.suffix("edit"))
-        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder("edit"): {"image": output}})
+        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder("edit"): {"image": output, "caption": instruction}})
 
     # ------------------------------------------------------------------------------------------------ truncation
 
