@@ -386,6 +386,46 @@ def test_gen_and_edit_dispatch(tmp_path, clip_weights):
         assert got[key] == pytest.approx((first[key] + second[key]) / 2, abs=1e-5)
 
 
+def test_gen_and_edit_shapes_judge(tmp_path):
+    """``judge="shapes"``: the generator's own images score 1, a blank or unedited image 0, a miss 0."""
+    from PIL import Image
+
+    from vllm2 import shapes
+
+    shapes.write_dataset(tmp_path, n=4, seed=5, gen_size=32)
+    with pytest.raises(ValueError, match="CLIP"):
+        _dataset("gen", tmp_path / "t2i.jsonl")[0].check_options()
+    task, dataset = _dataset("gen", tmp_path / "t2i.jsonl", options=TaskOptions(judge="shapes"))
+    task.check_options()
+    blank = Image.new("RGB", (32, 32), shapes.PLAIN)
+    drawn = [dataset[0].targets["sd"]["image"], dataset[1].targets["sd"]["image"], blank]
+
+    def draw(samples):
+        out = []
+        for s in samples:
+            i = int(s.source.rsplit("[", 1)[1].rstrip("]"))
+            out.append(SamplePrediction("", ["[GEN]"], {"sd": DecoderPrediction(["[GEN]"], ["x"], drawn[i])})
+                       if i < 3 else SamplePrediction("no route"))
+        return out
+
+    got = runner.evaluate(task, dataset, draw, "routed", batch_size=3)["metrics"]
+    assert got == {"colour_accuracy": 0.5, "shape_accuracy": 0.5, "missing": 1}
+
+    task, dataset = _dataset("edit", tmp_path / "edit.jsonl", options=TaskOptions(judge="shapes"))
+    edited = [dataset[0].targets["ip2p"]["image"], dataset[1].targets["ip2p"]["image"], dataset[2].images[0]]
+
+    def edit(samples):
+        out = []
+        for s in samples:
+            i = int(s.source.rsplit("[", 1)[1].rstrip("]"))
+            out.append(SamplePrediction("", ["[EDIT]"], {"ip2p": DecoderPrediction(["[EDIT]"], ["x"], edited[i])})
+                       if i < 3 else SamplePrediction("no route"))
+        return out
+
+    got = runner.evaluate(task, dataset, edit, "routed", batch_size=3)["metrics"]
+    assert got == {"edit_accuracy": 0.5, "missing": 1}
+
+
 # ------------------------------------------------------------------------------------------------ sharding
 
 def test_shard_and_merge():

@@ -66,12 +66,16 @@ class TaskOptions:
     """Task settings from the command line.
 
     Attributes:
+        judge: how gen/edit outputs are scored: ``"clip"`` (CLIP metrics, needs ``clip``) or ``"shapes"`` (the
+            rule-based checkers of the shapes world, :mod:`vllm2.shapes`; records carry ``shape``/``colour`` or
+            ``edit``).
         clip: the CLIP scorer (gen, edit).
         sigmas: OKS sigmas (pose); default from the skeleton.
         pck_alpha: PCK threshold as a fraction of the box's longer side (pose).
         iou_threshold: REC hit threshold.
     """
 
+    judge: str = "clip"
     clip: ClipScorer | None = None
     sigmas: Sequence[float] | None = None
     pck_alpha: float = 0.2
@@ -362,10 +366,25 @@ class CaptionTask(BenchTask):
         return dict(caption_metrics([r["caption"] for r in records], [r["references"] for r in records]))
 
 
-class _ClipTask(BenchTask):
+JUDGES = ("clip", "shapes")
+
+
+class _ImageTask(BenchTask):
+    """Generated images, scored by CLIP metrics or by the shapes-world rules (``TaskOptions.judge``)."""
+
     def check_options(self) -> None:
-        if self.options.clip is None:
-            raise ValueError(f"task {self.name!r} needs a CLIP model: give --clip-model and --clip-weights")
+        if self.options.judge not in JUDGES:
+            raise ValueError(f"unknown judge {self.options.judge!r} (known: {list(JUDGES)})")
+        if self.options.judge == "clip" and self.options.clip is None:
+            raise ValueError(f"task {self.name!r} needs a CLIP model: give --clip-model and --clip-weights "
+                             "(or --judge shapes on shapes-world data)")
+
+    def record_field(self, dataset: TaskDataset, index: int, key: str) -> Any:
+        """Field ``key`` of the item's record; ``ValueError`` naming the file when it is missing."""
+        record = dataset.record(index)
+        if key not in record:
+            raise ValueError(f"{dataset.path}: record {index} has no {key!r} field (needed by --judge shapes)")
+        return record[key]
 
     def aggregate(self, dataset, records):
         keys = [k for k in records[0] if k != "missing"] if records else []
@@ -374,8 +393,9 @@ class _ClipTask(BenchTask):
         return metrics
 
 
-class GenTask(_ClipTask):
-    """Text-to-image: CLIP score of the generated image against the caption (a miss scores 0)."""
+class GenTask(_ImageTask):
+    """Text-to-image: CLIP score of the generated image against the caption, or (``judge="shapes"``) the share of
+    images whose dominant colour and whose shape class are the caption's (a miss scores 0)."""
 
     name = "gen"
     route_tasks = ("t2i",)
@@ -385,14 +405,24 @@ class GenTask(_ClipTask):
 
     def score(self, dataset, index, sample, pred):
         out = _output(pred, self.decoder())
+        if self.options.judge == "shapes":
+            from ..shapes import dominant_colour, shape_class
+
+            colour, shape = self.record_field(dataset, index, "colour"), self.record_field(dataset, index, "shape")
+            if out is None:
+                return {"colour_accuracy": 0.0, "shape_accuracy": 0.0, "missing": True}
+            return {"colour_accuracy": float(dominant_colour(out.result) == colour),
+                    "shape_accuracy": float(shape_class(out.result) == shape), "missing": False}
         if out is None:
             return {"CLIP-score": 0.0, "missing": True}
         caption = sample.targets[self.decoder()]["caption"]
         return {"CLIP-score": clip_score(self.options.clip, [out.result], [caption]), "missing": False}
 
 
-class EditTask(_ClipTask):
-    """Editing: CLIP-I (to the target image), CLIP-T and directional CLIP similarity (a miss scores 0).
+class EditTask(_ImageTask):
+    """Editing: CLIP-I (to the target image), CLIP-T and directional CLIP similarity, or (``judge="shapes"``) the
+    share of edits that make the requested change and keep the rest (:func:`vllm2.shapes.edit_correct`); a miss
+    scores 0.
 
     The text of CLIP-T and of the direction comes from the record: ``output_caption`` (and ``input_caption``) when
     present, else the instruction (see :func:`~vllm2.bench.metrics_clip.edit_metrics`).
@@ -406,6 +436,12 @@ class EditTask(_ClipTask):
 
     def score(self, dataset, index, sample, pred):
         out = _output(pred, self.decoder())
+        if self.options.judge == "shapes":
+            from ..shapes import edit_correct
+
+            expected = self.record_field(dataset, index, "edit")
+            correct = out is not None and edit_correct(sample.images[0], out.result, expected)
+            return {"edit_accuracy": float(correct), "missing": out is None}
         if out is None:
             return {"CLIP-I": 0.0, "CLIP-T": 0.0, "CLIP-dir": 0.0, "missing": True}
         record = dataset.record(index)

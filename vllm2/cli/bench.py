@@ -1,7 +1,8 @@
 """``vllm2 bench TASK``: measure a model on one task's dataset and write a result JSON.
 
 Tasks: det, seg (COCO bbox/segm AP), rec (Acc@0.5), res (cIoU/mIoU), pose (keypoint AP, PCK), vqa (VQA accuracy),
-caption (CIDEr, BLEU-4), gen (CLIP score), edit (CLIP-I, CLIP-T, directional CLIP).
+caption (CIDEr, BLEU-4), gen (CLIP score), edit (CLIP-I, CLIP-T, directional CLIP); on shapes-world data
+``--judge shapes`` scores gen (colour and shape accuracy) and edit (edit accuracy) by rule instead of CLIP.
 
 Data (``--data``): det/seg/pose read a COCO annotation file (instances / person_keypoints); rec/res a referring
 expression file (``{"image", "bbox", "expressions" | "sentences", "segmentation"?}`` records); vqa
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="FILE", help="result JSON (default: bench_TASK_MODE.json)")
     parser.add_argument("--nproc", type=int, default=1, metavar="N", help="processes (torchrun, gloo)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: the local GPU if any)")
+    parser.add_argument("--judge", choices=("clip", "shapes"), default="clip",
+                        help="gen/edit scoring: CLIP metrics, or the shapes world's rule-based checkers (colour and "
+                             "shape of a drawn object; edit made and the rest kept)")
     parser.add_argument("--clip-model", metavar="NAME", help="open_clip model name or config JSON path (gen, edit)")
     parser.add_argument("--clip-weights", metavar="FILE", help="its local checkpoint file (gen, edit)")
     parser.add_argument("--sigmas", metavar="S1,S2,...", help="OKS sigmas per keypoint (pose; default per skeleton)")
@@ -185,7 +189,7 @@ def _prepare(args: argparse.Namespace, rank: int, world: int):
     from ..data.templates import Templates
 
     _check_args(args, TASKS[args.task])
-    options = TaskOptions(sigmas=_sigmas(args.sigmas), pck_alpha=args.pck_alpha)
+    options = TaskOptions(judge=args.judge, sigmas=_sigmas(args.sigmas), pck_alpha=args.pck_alpha)
     routes, cfg = _routes_and_config(args)
     task = build_task(args.task, options).bind(routes)
     mode = "teacher_forced" if args.mode == "teacher-forced" else "question"
