@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from vllm2 import build_model, load_config
@@ -43,7 +45,7 @@ def test_forced_detection_route_runs_gdino_and_draws(tiny_cfg, tiny_processor, t
     assert out.result["boxes"].shape[1] == 4 and len(out.result["scores"]) == len(out.result["boxes"])
     assert results[1].text.startswith("the square" + det)
     paths = save_outputs(results[1], tiny_processor._load(IMAGE), tmp_path, "t")
-    assert len(paths) == 1 and paths[0].endswith("_gdino.png")
+    assert len(paths) == 1 and paths[0].endswith("_gdino.png") and Path(paths[0]).is_file()
 
 
 def test_batched_chat_equals_one_at_a_time(tiny_cfg, tiny_processor):

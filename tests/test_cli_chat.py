@@ -113,3 +113,32 @@ def test_help(capsys):
         assert exit_info.value.code == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: vllm2 {command}") and all(flag in out for flag in flags)
+
+
+def test_batch_file_answers_like_one_at_a_time(reference, tmp_path, capsys):
+    """``--batch``: every item answered in one batched call, each as it would be alone (image or none)."""
+    prompts = ["What is in the image?", "Generate image with caption: a red circle."]
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps([{"image": SAMPLE, "prompt": prompts[0]}, {"image": None, "prompt": prompts[1]}]))
+    code = main(["chat", "--config", TINY, "--batch", str(batch), "--json", "--out", str(tmp_path / "out"), *TOKENS])
+    assert code == 0
+    items = _json_lines(capsys.readouterr().out)
+    model, processor = reference
+    alone = model.chat(processor, [None], [prompts[1]], max_new_tokens=6)[0].text
+    assert [(i["item"], i["prompt"]) for i in items] == [(0, prompts[0]), (1, prompts[1])]
+    assert [i["text"] for i in items] == [_answer(reference, SAMPLE, prompts[0]), alone]
+    written = _json_lines((tmp_path / "out" / "answers.jsonl").read_text())
+    assert written == items and written[0]["image"] == SAMPLE and written[1]["image"] is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"image": null}]', "item 0 needs a string 'prompt'"),
+    ('[]', "has no items"),
+    ('{"prompt": "a"}\n{oops', "neither a JSON list nor JSON lines"),
+    ('[{"image": "missing.png", "prompt": "a"}]', "missing.png"),
+])
+def test_batch_file_errors_name_the_file_and_item(tmp_path, capsys, content, message):
+    batch = tmp_path / "batch.json"
+    batch.write_text(content)
+    assert main(["chat", "--config", TINY, "--batch", str(batch), *TOKENS]) == 2
+    assert message in capsys.readouterr().err

@@ -84,7 +84,7 @@ def annotate(image: Image.Image, result: ChatResult, region: np.ndarray | None) 
         canvas = Image.fromarray(arr.astype(np.uint8))
     for output in result.outputs:
         if isinstance(output.result, dict):
-            canvas = draw_result(canvas, output.result, output.phrases)
+            canvas = draw_result(canvas, output.result, output.phrases, min_side=0)  # same scale for every output
     return canvas
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["draw_result", "PALETTE"]
+__all__ = ["contact_sheet", "draw_result", "PALETTE"]
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
@@ -18,7 +19,8 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def draw_result(image: Image.Image, result: dict, phrases: Sequence[str] = (),
-                skeleton: Sequence[tuple[int, int]] = ()) -> Image.Image:
+                skeleton: Sequence[tuple[int, int]] = (), min_score: float = 0.3,
+                min_side: int = 384) -> Image.Image:
     """Draw a detection/segmentation/pose result.
 
     Args:
@@ -27,27 +29,62 @@ def draw_result(image: Image.Image, result: dict, phrases: Sequence[str] = (),
             and ``keypoints [n,K,3]``.
         phrases: the name of each group (label index -> text).
         skeleton: keypoint index pairs to connect.
+        min_score: results scoring less are not drawn (the best one always is).
+        min_side: small images are enlarged (nearest neighbour) until their shorter side reaches this, so labels stay
+            readable.
     Returns:
         A new RGB image.
     """
-    canvas = image.convert("RGB").copy()
     labels = _to_numpy(result.get("labels", [])).astype(int).reshape(-1)
+    scores = _to_numpy(result.get("scores", np.ones(len(labels)))).reshape(-1)
+    keep = scores >= min(min_score, scores.max()) if len(scores) else np.zeros(0, dtype=bool)
+    canvas = image.convert("RGB")
     if result.get("masks") is not None:
-        arr = np.asarray(canvas, dtype=np.float32)
-        for mask, label in zip(_to_numpy(result["masks"]).astype(bool), labels):
+        arr = np.asarray(canvas, dtype=np.float32).copy()
+        for mask, label in zip(_to_numpy(result["masks"]).astype(bool)[keep], labels[keep]):
             arr[mask] = 0.5 * arr[mask] + 0.5 * np.array(PALETTE[label % len(PALETTE)], dtype=np.float32)
         canvas = Image.fromarray(arr.astype(np.uint8))
+    scale = max(1, -(-min_side // min(canvas.size)))
+    canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    scores = _to_numpy(result.get("scores", np.ones(len(labels)))).reshape(-1)
-    for box, label, score in zip(_to_numpy(result.get("boxes", np.zeros((0, 4)))).reshape(-1, 4), labels, scores):
+    boxes = _to_numpy(result.get("boxes", np.zeros((0, 4)))).reshape(-1, 4) * scale
+    for box, label, score in zip(boxes[keep], labels[keep], scores[keep]):
         colour = PALETTE[label % len(PALETTE)]
         draw.rectangle([float(v) for v in box], outline=colour, width=2)
         name = phrases[label] if 0 <= label < len(phrases) else str(label)
-        draw.text((float(box[0]) + 2, float(box[1]) + 1), f"{name} {score:.2f}", fill=colour)
-    for person in _to_numpy(result.get("keypoints", np.zeros((0, 0, 3)))):
+        draw.text((float(box[0]) + 3, float(box[1]) + 2), f"{name} {score:.2f}", fill=colour)
+    people = _to_numpy(result.get("keypoints", np.zeros((0, 0, 3))))
+    for person in people[keep] if len(people) == len(keep) else people:
+        points = [(float(x) * scale, float(y) * scale) for x, y, _ in person]
         for a, b in skeleton:
-            if a < len(person) and b < len(person):
-                draw.line([tuple(person[a][:2]), tuple(person[b][:2])], fill=(255, 255, 255), width=2)
-        for k, (x, y, _) in enumerate(person):
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=PALETTE[k % len(PALETTE)])
+            if a < len(points) and b < len(points):
+                draw.line([points[a], points[b]], fill=(255, 255, 255), width=2)
+        for k, (x, y) in enumerate(points):
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=PALETTE[k % len(PALETTE)], outline=(0, 0, 0))
     return canvas
+
+
+def contact_sheet(tiles: Sequence[tuple[Image.Image | None, str]], side: int = 192, columns: int = 4,
+                  text_lines: int = 5) -> Image.Image:
+    """Pictures side by side, each scaled to ``side`` pixels with its caption wrapped underneath.
+
+    Args:
+        tiles: ``(picture or None, caption)`` pairs; None leaves the picture area blank.
+        side: picture size of a tile.
+        columns: tiles per row.
+        text_lines: caption lines kept per tile.
+    Returns:
+        The sheet (RGB, white background).
+    """
+    width = max(1, side // 6)  # characters per caption line of the default font
+    height = side + 12 * text_lines + 8
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * side + (columns + 1) * 4, rows * height + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (picture, caption) in enumerate(tiles):
+        x, y = 4 + (i % columns) * (side + 4), 4 + (i // columns) * height
+        if picture is not None:
+            sheet.paste(picture.convert("RGB").resize((side, side), Image.Resampling.NEAREST), (x, y))
+        lines = textwrap.wrap(caption, width)[:text_lines]
+        draw.multiline_text((x, y + side + 4), "\n".join(lines), fill=(0, 0, 0), spacing=2)
+    return sheet

@@ -1,4 +1,8 @@
-"""``vllm2 chat``: one-shot (``--prompt``) or a multi-turn REPL about an image.
+"""``vllm2 chat``: one-shot (``--prompt``), a batch of prompts (``--batch``), or a multi-turn REPL about an image.
+
+``--batch FILE`` reads a JSON list (or JSON lines) of ``{"image": PATH | null, "prompt": TEXT, "task": LABEL?}`` items
+(image paths relative to the file; the optional label heads the item's tile in ``OUT/sheet.png``) and answers them all in ONE batched generation: samples that route and samples that do not
+decode side by side.
 
 Routes the model emits run their decoders; annotated pictures (boxes, masks, keypoints) and generated or edited
 images are written to ``--out`` and their paths printed. ``--json`` prints one JSON object per turn.
@@ -18,7 +22,7 @@ from PIL import Image
 from ..chat import ChatResult, RouteOutput, history_text
 from ..images import load_image
 from ..region import box_to_mask, point_to_mask
-from ..visualize import draw_result
+from ..visualize import contact_sheet, draw_result
 from .common import add_model_args, load_model, setup_logging
 
 HELP_REPL = "REPL commands: /image PATH (new image, resets history), /reset (forget history), /quit"
@@ -33,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     region.add_argument("--region", metavar="X1,Y1,X2,Y2", help="a box visual prompt, in pixels (use <region>)")
     region.add_argument("--region-mask", metavar="PNG", help="a mask visual prompt (non-zero = inside)")
     region.add_argument("--point", metavar="X,Y", help="a point visual prompt, in pixels")
-    parser.add_argument("--prompt", help="ask once and exit; without it, start a REPL")
+    parser.add_argument("--prompt", help="ask once and exit; without it (and without --batch), start a REPL")
+    parser.add_argument("--batch", metavar="FILE", help="answer every {image, prompt} item of a JSON file in one batch")
     parser.add_argument("--out", metavar="DIR", default="chat_out", help="where pictures are written")
     parser.add_argument("--json", action="store_true", help="print one JSON object per turn")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -67,20 +72,21 @@ def _region(args: argparse.Namespace, image: Image.Image | None) -> list[np.ndar
     return [mask]
 
 
-def save_outputs(result: ChatResult, image: Image.Image | None, out_dir: Path, stem: str) -> list[str]:
-    """Write the pictures of one answer; returns their paths."""
+def save_outputs(result: ChatResult, image: Image.Image | None, out_dir: Path, stem: str) -> list[str | None]:
+    """Write the pictures of one answer; returns, per output, the path written (None: nothing to draw)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths: list[str | None] = []
     for i, output in enumerate(result.outputs):
         picture = None
         if isinstance(output.result, Image.Image):
             picture = output.result
         elif isinstance(output.result, dict) and image is not None:
             picture = draw_result(image, output.result, output.phrases)
+        path = None
         if picture is not None:
-            path = out_dir / f"{stem}_{i}_{output.decoder}.png"
+            path = str(out_dir / f"{stem}_{i}_{output.decoder}.png")
             picture.save(path)
-            paths.append(str(path))
+        paths.append(path)
     return paths
 
 
@@ -96,33 +102,96 @@ def _jsonable(output: RouteOutput, path: str | None) -> dict[str, Any]:
     return data
 
 
+def _report(result: ChatResult, paths: list[str | None], record: dict[str, Any], as_json: bool, indent: str) -> str:
+    """Print one answer (a JSON line, or the text, decoder errors and pictures); returns its JSON line."""
+    line = json.dumps({**record, "text": result.text,
+                       "outputs": [_jsonable(o, p) for o, p in zip(result.outputs, paths)]})
+    if as_json:
+        print(line)
+        return line
+    print(f"{indent}{result.text}")
+    for output in result.outputs:
+        if output.error:
+            print(f"{indent}  [{output.route} -> {output.decoder}] {output.error}")
+    for path in paths:
+        if path:
+            print(f"{indent}  wrote {path}")
+    return line
+
+
 def _turn(model, processor, args, image, regions, history, prompt: str, turn: int) -> ChatResult:
     result = model.chat(processor, [image], [prompt], [regions] if regions else None, history=[history],
                         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                         top_p=args.top_p)[0]
     paths = save_outputs(result, image, Path(args.out), f"turn{turn}")
-    if args.json:
-        by_output = dict(zip([o for o in result.outputs if o.result is not None and o.error is None], paths))
-        print(json.dumps({"turn": turn, "prompt": prompt, "text": result.text,
-                          "outputs": [_jsonable(o, by_output.get(o)) for o in result.outputs]}))
-    else:
-        print(result.text)
-        for output in result.outputs:
-            if output.error:
-                print(f"  [{output.route} -> {output.decoder}] {output.error}")
-        for path in paths:
-            print(f"  wrote {path}")
+    _report(result, paths, {"turn": turn, "prompt": prompt}, args.json, "")
     sys.stdout.flush()
     return result
+
+
+def read_batch(path: str) -> list[tuple[str | None, str, str | None]]:
+    """The ``(image path | None, prompt, label | None)`` items of a ``--batch`` file; ``ValueError`` naming the file
+    and item."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--batch: file {path!r} does not exist")
+    text = file.read_text(encoding="utf-8")
+    try:
+        items = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in
+                                                                      text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--batch: {path} is neither a JSON list nor JSON lines: {err}") from None
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise ValueError(f"--batch: {path} item {i} needs a string 'prompt', got {item!r}")
+        image = item.get("image")
+        if image is not None and not isinstance(image, str):
+            raise ValueError(f"--batch: {path} item {i}: 'image' must be a path or null, got {image!r}")
+        label = item.get("task")
+        if label is not None and not isinstance(label, str):
+            raise ValueError(f"--batch: {path} item {i}: 'task' must be a string, got {label!r}")
+        out.append((str(file.parent / image) if image else None, item["prompt"], label))
+    if not out:
+        raise ValueError(f"--batch: {path} has no items")
+    return out
+
+
+def _batch(model, processor, args, items: list[tuple[str | None, str, str | None]]) -> None:
+    """Answer every item in one ``model.chat`` call; print each answer, write its pictures, every answer to
+    ``OUT/answers.jsonl`` and a contact sheet of all items (picture, or input image, above the answer) to
+    ``OUT/sheet.png``."""
+    images = [load_image(path) if path else None for path, _, _ in items]
+    results = model.chat(processor, images, [prompt for _, prompt, _ in items], max_new_tokens=args.max_new_tokens,
+                         do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+    lines, tiles = [], []
+    for i, ((path, prompt, label), image, result) in enumerate(zip(items, images, results)):
+        if not args.json:
+            print(f"[{i}] {prompt}")
+        paths = save_outputs(result, image, Path(args.out), f"item{i}")
+        lines.append(_report(result, paths, {"item": i, "image": path, "prompt": prompt}, args.json, "    "))
+        picture = next((p for p in paths if p), None)
+        tiles.append((Image.open(picture) if picture else image, f"{label or prompt}: {result.text}"))
+    out = Path(args.out)
+    (out / "answers.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    contact_sheet(tiles).save(out / "sheet.png")
+    if not args.json:
+        print(f"answers: {out / 'answers.jsonl'}; all items: {out / 'sheet.png'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
+        if args.batch and (args.prompt or args.image or args.region or args.region_mask or args.point):
+            raise ValueError("--batch takes its images and prompts from the file: drop --prompt, --image and regions")
+        items = read_batch(args.batch) if args.batch else None
         image = load_image(args.image) if args.image else None
         regions = _region(args, image)
         model, processor, _ = load_model(args)
+        if items is not None:
+            _batch(model, processor, args, items)
+            return 0
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
