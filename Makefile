@@ -1,10 +1,16 @@
 # `make venv` builds .venv with pinned packages (idempotent: re-runs only when requirements or setup.py change).
 # `make test` runs the whole suite (installing chromium for the browser test when missing); `make demo` runs the main
-# job on the embedded default.
+# job on the embedded default (the shapes-world model shipped in data/shapes-model). `make shapes-model` retrains that
+# model from scratch (data seed 0, training seed 0) and `make shapes-bench` measures it on a held-out world (seed 1).
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: venv browser test demo clean
+SHAPES := data/shapes
+MODEL := data/shapes-model
+BENCH := $(PY) -m vllm2.cli bench
+BENCH_OUT := runs/shapes-bench
+
+.PHONY: venv browser test demo shapes-model shapes-bench clean
 
 venv: $(STAMP)
 
@@ -21,9 +27,38 @@ browser:
 test: venv browser
 	$(PY) -m pytest -q tests
 
+# One prompt per task (describe, count, detect, segment, find, pose, draw, edit), answered in one batch.
 demo: venv
-	$(PY) -m vllm2.cli chat --config configs/tiny.yaml --image data/samples/shapes.png \
-		--prompt "What do you see in this image?" --max-new-tokens 16
+	$(PY) -m vllm2.cli chat --model $(MODEL) --batch data/samples/demo.json --out demo_out
+
+# The training world (seed 0) and the held-out world (seed 1); 32-pixel text-to-image and edit images.
+$(SHAPES)/train/manifest.json: $(STAMP)
+	$(PY) -m vllm2.cli data shapes --out $(SHAPES)/train --n 12000 --seed 0 --gen-size 32
+
+$(SHAPES)/val/manifest.json: $(STAMP)
+	$(PY) -m vllm2.cli data shapes --out $(SHAPES)/val --n 200 --seed 1 --gen-size 32
+
+shapes-model: $(SHAPES)/train/manifest.json
+	$(PY) -m vllm2.cli train configs/shapes.yaml
+	rm -rf $(MODEL) && mkdir -p $(MODEL)
+	cp runs/shapes/final/config.json runs/shapes/final/model.safetensors runs/shapes/final/processor_config.json \
+		runs/shapes/final/tokenizer.json runs/shapes/final/tokenizer_config.json $(MODEL)/
+
+# Routed mode (the model picks its routes) on the held-out world; one result JSON per task in $(BENCH_OUT).
+shapes-bench: $(SHAPES)/val/manifest.json
+	mkdir -p $(BENCH_OUT)
+	$(BENCH) det --model $(MODEL) --data $(SHAPES)/val/instances.json --batch-size 16 --out $(BENCH_OUT)/det.json
+	$(BENCH) seg --model $(MODEL) --data $(SHAPES)/val/instances.json --batch-size 16 --out $(BENCH_OUT)/seg.json
+	$(BENCH) rec --model $(MODEL) --data $(SHAPES)/val/refcoco.jsonl --batch-size 16 --out $(BENCH_OUT)/rec.json
+	$(BENCH) res --model $(MODEL) --data $(SHAPES)/val/refcoco.jsonl --batch-size 16 --out $(BENCH_OUT)/res.json
+	$(BENCH) pose --model $(MODEL) --data $(SHAPES)/val/keypoints.json --pck-alpha 0.1 --batch-size 16 \
+		--out $(BENCH_OUT)/pose.json
+	$(BENCH) vqa --model $(MODEL) --data $(SHAPES)/val/vqa_bench.jsonl --batch-size 16 --out $(BENCH_OUT)/vqa.json
+	$(BENCH) caption --model $(MODEL) --data $(SHAPES)/val/captions_bench.jsonl --batch-size 16 \
+		--out $(BENCH_OUT)/caption.json
+	$(BENCH) gen --model $(MODEL) --data $(SHAPES)/val/t2i.jsonl --judge shapes --batch-size 16 --out $(BENCH_OUT)/gen.json
+	$(BENCH) edit --model $(MODEL) --data $(SHAPES)/val/edit.jsonl --judge shapes --batch-size 16 \
+		--out $(BENCH_OUT)/edit.json
 
 clean:
 	rm -rf .venv
