@@ -386,6 +386,15 @@ def test_gen_and_edit_dispatch(tmp_path, clip_weights):
         assert got[key] == pytest.approx((first[key] + second[key]) / 2, abs=1e-5)
 
 
+def _image_answers(decoder: str, route: str, images: list):
+    """A predictor answering item ``i`` with ``images[i]`` through ``route``; items past the list are misses."""
+    def predict(samples):
+        indices = [int(s.source.rsplit("[", 1)[1].rstrip("]")) for s in samples]
+        return [SamplePrediction("", [route], {decoder: DecoderPrediction([route], ["x"], images[i])})
+                if i < len(images) else SamplePrediction("no route") for i in indices]
+    return predict
+
+
 def test_gen_and_edit_shapes_judge(tmp_path):
     """``judge="shapes"``: the generator's own images score 1, a blank or unedited image 0, a miss 0."""
     from PIL import Image
@@ -400,29 +409,13 @@ def test_gen_and_edit_shapes_judge(tmp_path):
     blank = Image.new("RGB", (32, 32), shapes.PLAIN)
     drawn = [dataset[0].targets["sd"]["image"], dataset[1].targets["sd"]["image"], blank]
 
-    def draw(samples):
-        out = []
-        for s in samples:
-            i = int(s.source.rsplit("[", 1)[1].rstrip("]"))
-            out.append(SamplePrediction("", ["[GEN]"], {"sd": DecoderPrediction(["[GEN]"], ["x"], drawn[i])})
-                       if i < 3 else SamplePrediction("no route"))
-        return out
-
-    got = runner.evaluate(task, dataset, draw, "routed", batch_size=3)["metrics"]
+    got = runner.evaluate(task, dataset, _image_answers("sd", "[GEN]", drawn), "routed", batch_size=3)["metrics"]
     assert got == {"colour_accuracy": 0.5, "shape_accuracy": 0.5, "missing": 1}
 
     task, dataset = _dataset("edit", tmp_path / "edit.jsonl", options=TaskOptions(judge="shapes"))
     edited = [dataset[0].targets["ip2p"]["image"], dataset[1].targets["ip2p"]["image"], dataset[2].images[0]]
 
-    def edit(samples):
-        out = []
-        for s in samples:
-            i = int(s.source.rsplit("[", 1)[1].rstrip("]"))
-            out.append(SamplePrediction("", ["[EDIT]"], {"ip2p": DecoderPrediction(["[EDIT]"], ["x"], edited[i])})
-                       if i < 3 else SamplePrediction("no route"))
-        return out
-
-    got = runner.evaluate(task, dataset, edit, "routed", batch_size=3)["metrics"]
+    got = runner.evaluate(task, dataset, _image_answers("ip2p", "[EDIT]", edited), "routed", batch_size=3)["metrics"]
     assert got == {"edit_accuracy": 0.5, "missing": 1}
 
 

@@ -77,6 +77,28 @@ def mean_eval_loss(decoder, queries, mask, inputs, seeds=range(6)) -> float:
     return float(torch.stack(losses).mean())
 
 
+def undropped(name: str, **overrides) -> torch.nn.Module:
+    """A tiny ``name`` decoder with every conditioning dropout off (and ``overrides``)."""
+    make = tiny_sd_config if name == "sd" else tiny_ip2p_config
+    no_drop = ("cfg_drop_prob",) if name == "sd" else ("text_drop_prob", "image_drop_prob", "both_drop_prob")
+    return build_decoder(name, make(**overrides, **dict.fromkeys(no_drop, 0.0)), LLM)
+
+
+def overfit(decoder, inputs, steps: int = 25) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Train the decoder and one group of query states on ``inputs``; returns the mean eval loss before and after,
+    the trained query states and their mask."""
+    queries, mask = one_group()
+    queries = torch.nn.Parameter(queries)
+    optimizer = torch.optim.AdamW([queries, *decoder.parameters()], lr=2e-3, weight_decay=0.0)
+    before = mean_eval_loss(decoder, queries, mask, inputs)
+    for _ in range(steps):
+        loss = decoder(queries, mask, inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before, mean_eval_loss(decoder, queries, mask, inputs), queries.detach(), mask
+
+
 # ----------------------------------------------------------------------------------------------- structure
 
 
@@ -141,20 +163,9 @@ def test_overfits_one_pair(name: str) -> None:
     The tiny UNet is random, so it is trained here (``train_unet=True``); the loss is measured on fixed
     (noise, timestep) draws before and after.
     """
-    make = tiny_sd_config if name == "sd" else tiny_ip2p_config
-    no_drop = ("cfg_drop_prob",) if name == "sd" else ("text_drop_prob", "image_drop_prob", "both_drop_prob")
-    decoder = build_decoder(name, make(train_unet=True, **dict.fromkeys(no_drop, 0.0)), LLM)
+    decoder = undropped(name, train_unet=True)
     inputs = decoder.prepare([blob_image(40, 36, 1)], [{"image": blob_image(40, 36, 2)}])
-    queries, mask = one_group()
-    queries = torch.nn.Parameter(queries)
-    optimizer = torch.optim.AdamW([queries, *decoder.parameters()], lr=2e-3, weight_decay=0.0)
-    before = mean_eval_loss(decoder, queries, mask, inputs)
-    for _ in range(25):
-        loss = decoder(queries, mask, inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = mean_eval_loss(decoder, queries, mask, inputs)
+    before, after, _, _ = overfit(decoder, inputs)
     assert after <= 0.5 * before, (before, after)
 
 
@@ -296,29 +307,19 @@ def test_pixel_space_diffusion(name: str) -> None:
     """``vae_type="pixel"``: latents are the pixels, the pipelines run at scale 1, and the UNet learns on pixels."""
     from decoders.diffusion.components import PixelSpace
 
-    pixel = {"vae_type": "pixel", "vae_latent_channels": 3, "vae_scaling_factor": 1.0, "train_unet": True,
-             "resolution": 16}
-    no_drop = ("cfg_drop_prob",) if name == "sd" else ("text_drop_prob", "image_drop_prob", "both_drop_prob")
-    make = tiny_sd_config if name == "sd" else tiny_ip2p_config
-    decoder = build_decoder(name, make(**pixel, **dict.fromkeys(no_drop, 0.0)), LLM)
+    decoder = undropped(name, vae_type="pixel", vae_latent_channels=3, vae_scaling_factor=1.0, train_unet=True,
+                        resolution=16)
     assert isinstance(decoder.sd_vae, PixelSpace) and not list(decoder.sd_vae.parameters())
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(decoder.encode_latents(x, sample=True), x)
     assert torch.equal(decoder.sd_vae.decode(x).sample, x)
     inputs = decoder.prepare([blob_image(16, 16, 1)], [{"image": blob_image(16, 16, 2)}])
-    queries, mask = one_group()
-    queries = torch.nn.Parameter(queries)
-    optimizer = torch.optim.AdamW([queries, *decoder.parameters()], lr=2e-3, weight_decay=0.0)
-    before = mean_eval_loss(decoder, queries, mask, inputs)
-    for _ in range(25):
-        loss = decoder(queries, mask, inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert mean_eval_loss(decoder, queries, mask, inputs) <= 0.5 * before
+    before, after, queries, mask = overfit(decoder, inputs)
+    assert after <= 0.5 * before
     decoder.eval()
-    image = decoder.predict(queries.detach(), mask, decoder.prepare([blob_image(16, 16, 1)]), num_inference_steps=2)[0]
+    image = decoder.predict(queries, mask, decoder.prepare([blob_image(16, 16, 1)]), num_inference_steps=2)[0]
     assert image.size == (16, 16)
+    make = tiny_sd_config if name == "sd" else tiny_ip2p_config
     with pytest.raises(ValueError, match="vae_type"):
         make(vae_type="pixel")  # 4 latent channels
     with pytest.raises(ValueError, match="vae_type"):

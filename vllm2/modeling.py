@@ -215,13 +215,15 @@ class VisionLLMv2Model(PreTrainedModel):
             llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, local_files_only=True)
             llm.resize_token_embeddings(self.llm.get_input_embeddings().num_embeddings, mean_resizing=True)
             self.llm.load_state_dict(llm.state_dict())
+        tokenizer = None
         for name in self.decoder_names:
             decoder = getattr(self, name)
             path = getattr(cfg.decoders[name], "pretrained_path", None)
             if path:
                 decoder.load_pretrained(path)
             if getattr(cfg.decoders[name], "text_tokenizer", None) == "llm":
-                decoder.set_tokenizer(load_tokenizer(*cfg.tokenizer_source(), routes=self.routes))
+                tokenizer = tokenizer or load_tokenizer(*cfg.tokenizer_source(), routes=self.routes)
+                decoder.set_tokenizer(tokenizer)
 
     # -------------------------------------------------------------------------------------------- embedding
 

@@ -31,7 +31,7 @@ from .metrics_ground import aligned_box_iou, iou_summary, mask_counts, pck, rec_
 from .metrics_text import caption_metrics, vqa_accuracy
 from .readers import CaptionDataset, VqaDataset
 
-__all__ = ["TASKS", "BenchTask", "DecoderPrediction", "SamplePrediction", "TaskOptions", "build_task",
+__all__ = ["JUDGES", "TASKS", "BenchTask", "DecoderPrediction", "SamplePrediction", "TaskOptions", "build_task",
            "normalize_name"]
 
 

@@ -43,7 +43,7 @@ ARGV_ENV = "VLLM2_BENCH_ARGV"  # the arguments of a torchrun worker (JSON list)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..bench.tasks import TASKS
+    from ..bench.tasks import JUDGES, TASKS
 
     parser = argparse.ArgumentParser(prog="vllm2 bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="FILE", help="result JSON (default: bench_TASK_MODE.json)")
     parser.add_argument("--nproc", type=int, default=1, metavar="N", help="processes (torchrun, gloo)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: the local GPU if any)")
-    parser.add_argument("--judge", choices=("clip", "shapes"), default="clip",
+    parser.add_argument("--judge", choices=JUDGES, default="clip",
                         help="gen/edit scoring: CLIP metrics, or the shapes world's rule-based checkers (colour and "
                              "shape of a drawn object; edit made and the rest kept)")
     parser.add_argument("--clip-model", metavar="NAME", help="open_clip model name or config JSON path (gen, edit)")

@@ -440,7 +440,8 @@ class Templates:
         instruction = self.check_text(instruction, "instruction")
         question = self.phrase("edit_question", rng).format(instruction=instruction.strip().rstrip("."))
         answer = self.phrase("generation_answer", rng).format(results=self.suffix("edit"))
-        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder("edit"): {"image": output, "caption": instruction}})
+        target = {"image": output, "caption": instruction}
+        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder("edit"): target})
 
     # ------------------------------------------------------------------------------------------------ truncation
 
