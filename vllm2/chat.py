@@ -1,4 +1,11 @@
-"""Batched chat: generate with routes, then run each decoder on the query states the model produced itself."""
+"""Batched chat: generate with routes, then run each decoder on the query states the model produced itself.
+
+With text transmission (``processor.text_link``), detection, grounding and keypoint answers are read back from the
+generated location and class tokens instead (see :mod:`superlink.text`): tagged boxes stand for the detection route,
+an untagged box for the grounding route, tagged boxes with points for the pose route. Their outputs carry the
+decoder name of that route (no decoder runs) with scores 1, and the names the prompt bound to the class tokens as
+phrases; malformed elements are skipped and counted in ``ChatResult.malformed``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from superlink import QueryGroups, RouteTable, gather_queries
+from superlink import ParsedText, QueryGroups, RouteTable, TextBox, TextLink, gather_queries
 
 from .generation import generate
 from .modeling import to_device
@@ -23,7 +30,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChatResult", "RouteOutput", "chat", "history_text", "route_phrases"]
+__all__ = ["ChatResult", "RouteOutput", "chat", "declared_classes", "history_text", "route_phrases", "text_outputs"]
 
 _ARTICLE = re.compile(r"^(the|a|an)\s+", re.IGNORECASE)
 _PHRASE_SPLIT = re.compile(r",|;|\.|:|\band\b|\bfor\b|\bof\b|\bare\b|\bis\b|\bthe results\b", re.IGNORECASE)
@@ -50,10 +57,22 @@ class RouteOutput:
 
 @dataclass
 class ChatResult:
-    """The answer to one prompt: its text (placeholders removed) and one output per decoder call."""
+    """The answer to one prompt.
+
+    Attributes:
+        text: the answer (placeholders removed).
+        outputs: one per decoder call (and per text-transmitted structure).
+        routes: the route of every query group, in text order: the route tokens written, or for text transmission
+            the routes its structures stand for.
+        num_tokens: positions the LLM decoded for this answer (query positions included).
+        malformed: text-transmission elements that could not be read and were skipped.
+    """
 
     text: str
     outputs: list[RouteOutput] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    malformed: int = 0
 
 
 def history_text(text: str, routes: RouteTable) -> str:
@@ -76,22 +95,77 @@ def route_phrases(text_before: Sequence[str]) -> list[str]:
     return phrases
 
 
-def _text_pieces(processor: VisionLLMv2Processor, ids: list[int]) -> tuple[str, list[str]]:
-    """Decode generated ids to display text, and the text before each route token (since the previous one)."""
+def _text_pieces(processor: VisionLLMv2Processor, ids: list[int]) -> tuple[str, list[str], list[str]]:
+    """Decode generated ids to display text, the text before each route token (since the previous one) and the
+    route tokens."""
     tok, bound = processor.tokenizer, processor.bound
     route_ids = set(bound.route_ids.tolist())
     drop = set(bound.placeholder_ids.tolist()) | {tok.eos_token_id, tok.pad_token_id}
-    text, before, chunk = "", [], []
+    text, before, routes, chunk = "", [], [], []
     for token in ids:
         if token in route_ids:
             piece = tok.decode(chunk, skip_special_tokens=False)
             before.append(piece)
-            text += piece + tok.convert_ids_to_tokens(token)
+            routes.append(tok.convert_ids_to_tokens(token))
+            text += piece + routes[-1]
             chunk = []
         elif token not in drop:
             chunk.append(token)
     text += tok.decode(chunk, skip_special_tokens=False)
-    return text.strip(), before
+    return text.strip(), before, routes
+
+
+def declared_classes(prompt: str) -> dict[int, str]:
+    """The names a prompt binds to class tokens (``Classes: circle<c0>, square<c1>.`` -> ``{0: "circle", ...}``)."""
+    parts = re.split(r"<c(\d+)>", prompt)  # text, k, text, k, ..., text
+    return dict(zip((int(k) for k in parts[1::2]), route_phrases(parts[0:-1:2])))
+
+
+def text_outputs(parsed: ParsedText, declared: dict[int, str], link: TextLink,
+                 routes: RouteTable) -> tuple[list[RouteOutput], list[str]]:
+    """The outputs a text-transmission answer stands for, and the route of each of their groups.
+
+    Args:
+        parsed: the answer's elements.
+        declared: class index -> the name the prompt bound to it.
+        link: the location and class vocabulary (names undeclared classes).
+        routes: the route table (routes and decoders of det, rec and pose).
+    Returns:
+        Pose (tagged boxes with points: object groups on the det route, keypoint groups on the pose route) or
+        detection (tagged boxes, one group per class), then grounding (untagged boxes, one group).
+    """
+    det, grd, pose = (routes.route_for_task(t) for t in ("det", "rec", "pose"))
+    tagged = [b for b in parsed.boxes if b.label is not None]
+    untagged = [b for b in parsed.boxes if b.label is None]
+    outputs, group_routes = [], []
+
+    def add(route: str, classes: list[int], result: dict[str, torch.Tensor], kinds: list[str]) -> None:
+        phrases = [declared.get(k, link.cls(k)) for k in classes]
+        outputs.append(RouteOutput(route, routes.route(route).decoder, phrases, result))
+        group_routes.extend(kinds)
+
+    if any(b.points for b in tagged):
+        objects = sorted({b.label for b in tagged})
+        parts = sorted((set(declared) | {k for b in tagged for k in b.points}) - set(objects))
+        keypoints = torch.zeros(len(tagged), len(parts), 3)  # [n, Kp, 3]; unwritten keypoints stay (0, 0, 0)
+        for i, b in enumerate(tagged):
+            for k, (x, y) in b.points.items():
+                if k in parts:
+                    keypoints[i, parts.index(k)] = torch.tensor([x, y, 1.0])
+        result = _boxes(tagged, [objects.index(b.label) for b in tagged])
+        add(pose, objects + parts, {**result, "keypoints": keypoints}, [det] * len(objects) + [pose] * len(parts))
+    elif tagged:
+        classes = list(range(max([b.label for b in tagged] + list(declared)) + 1))
+        add(det, classes, _boxes(tagged, [b.label for b in tagged]), [det] * len(classes))
+    if untagged:
+        add(grd, [0], _boxes(untagged, [0] * len(untagged)), [grd])
+    return outputs, group_routes
+
+
+def _boxes(boxes: list[TextBox], labels: list[int]) -> dict[str, torch.Tensor]:
+    """A decoder-style result of parsed boxes (every score 1: text carries no confidence)."""
+    return {"boxes": torch.tensor([b.box for b in boxes], dtype=torch.float32).reshape(-1, 4),  # [n, 4]
+            "scores": torch.ones(len(boxes)), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 @torch.no_grad()
@@ -134,15 +208,34 @@ def chat(
         model.llm.get_input_embeddings(), max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, stop_strings=stop_strings, decode=tok.decode, **gen_kwargs,
     )
-    texts, befores = zip(*[_text_pieces(processor, seq[:n].tolist()) for seq, n in zip(out.sequences, out.lengths)])
-    results = [ChatResult(text=t) for t in texts]
-    phrases = [route_phrases(b) for b in befores]
+    pieces = [_text_pieces(processor, seq[:n].tolist()) for seq, n in zip(out.sequences, out.lengths)]
+    results = [ChatResult(text, routes=routes, num_tokens=int(n)) for (text, _, routes), n in zip(pieces, out.lengths)]
+    phrases = [route_phrases(before) for _, before, _ in pieces]
+    if processor.text_link is not None:
+        _read_text(processor, out, pil_images, prompts, results)
     rank = (model.bound.route_index(out.sequences) >= 0).long().cumsum(1) - 1  # [B, T] index among a sample's routes
     for name, groups in gather_queries(out.hidden_states, out.sequences, model.bound).items():
         group_phrases = [[phrases[b][int(rank[b, p])] for p, ok in zip(groups.positions[row], groups.mask[row]) if ok]
                          for row, b in enumerate(groups.batch_index.tolist())]
         _run_decoder(model, name, groups, pil_images, group_phrases, results, (decoder_options or {}).get(name, {}))
     return results
+
+
+def _read_text(processor: VisionLLMv2Processor, out: Any, images: list[list[Image.Image]], prompts: Sequence[str],
+               results: list[ChatResult]) -> None:
+    """Attach the outputs of each answer's text-transmitted structures (answers about an image only)."""
+    for b, (seq, n) in enumerate(zip(out.sequences, out.lengths)):
+        if not images[b]:
+            continue
+        width, height = images[b][0].size
+        parsed = processor.text_link.parse(processor.tokenizer.convert_ids_to_tokens(seq[:n].tolist()), width, height)
+        outputs, group_routes = text_outputs(parsed, declared_classes(prompts[b]), processor.text_link,
+                                             processor.routes)
+        results[b].outputs += outputs
+        results[b].routes += group_routes
+        results[b].malformed = parsed.malformed
+        if parsed.malformed:
+            logger.warning("answer %d: %d malformed location elements skipped", b, parsed.malformed)
 
 
 def _build_samples(processor, images, prompts, regions, history) -> tuple[list[Sample], list[list[Image.Image]]]:

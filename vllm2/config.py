@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from superlink import RouteTable
+from superlink import RouteTable, TextLink
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -103,9 +103,18 @@ class LLMConfig:
 
 @dataclass
 class SuperlinkConfig:
-    """Routing table. ``routes`` is None for the official table, else a list of route dicts (see superlink.routes)."""
+    """Routing table and transmission.
+
+    ``routes`` is None for the official table, else a list of route dicts (see superlink.routes). ``transmission``
+    ``"text"`` is the VisionLLM v1 baseline for detection, grounding and keypoints: their answers carry boxes and
+    points as location and class tokens (``location_bins`` per side, ``class_tokens``; see superlink.text) trained
+    by cross-entropy alone; every other task keeps the super link.
+    """
 
     routes: list[dict] | None = None
+    transmission: str = "superlink"  # "superlink" | "text"
+    location_bins: int = 1025
+    class_tokens: int = 512
 
 
 @dataclass
@@ -154,6 +163,13 @@ class VLLM2Config:
     def route_table(self) -> RouteTable:
         """The routing table: ``superlink.routes`` when given, else the official one."""
         return RouteTable.from_config(self.superlink.routes) if self.superlink.routes else RouteTable.default()
+
+    def text_link(self) -> TextLink | None:
+        """The text-transmission vocabulary (``superlink.transmission: text``), or None for the super link."""
+        mode = self.superlink.transmission
+        if mode not in ("superlink", "text"):
+            raise ValueError(f"config key superlink.transmission: unknown mode {mode!r} (use 'superlink' or 'text')")
+        return TextLink(self.superlink.location_bins, self.superlink.class_tokens) if mode == "text" else None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -85,8 +85,9 @@ def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
     The tokenizer named by the config (or the built-in tiny one) fixes the vocabulary size and special-token ids.
     Use :meth:`VisionLLMv2Model.load_pretrained_components` to load component weights from local folders.
     """
-    routes = cfg.route_table()
-    tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes)
+    routes, text_link = cfg.route_table(), cfg.text_link()
+    tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes,
+                               extra_tokens=text_link.tokens if text_link else ())
     names = [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
     token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in names}
     llm_cfg = _llm_config(cfg, len(tokenizer))

@@ -9,6 +9,7 @@ its image (the last tile).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
-from superlink import RouteTable, query_position_mask
+from superlink import RouteTable, TextLink, query_position_mask
 
 from .config import VisionConfig, VLLM2Config, config_from_dict, config_to_dict
 from .conversation import Turn, get_template
@@ -45,6 +46,10 @@ class Sample:
     regions: Sequence[tuple[np.ndarray, int]] = ()
 
 
+def _tokens(text_link: TextLink | None) -> tuple[str, ...]:
+    return text_link.tokens if text_link else ()
+
+
 class VisionLLMv2Processor:
     """Turns samples into model inputs.
 
@@ -53,11 +58,14 @@ class VisionLLMv2Processor:
         vision: the vision config (tile size, patch size, mode, max tiles, normalisation, pixel limit).
         routes: the route table.
         template: conversation template name.
+        text_link: the location and class tokens of text transmission (None: the super link alone); the tokenizer
+            must hold its tokens.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vision: VisionConfig, routes: RouteTable,
-                 template: str = "vicuna_v1") -> None:
+                 template: str = "vicuna_v1", text_link: TextLink | None = None) -> None:
         self.tokenizer = tokenizer
+        self.text_link = text_link
         self.vision = vision
         self.routes = routes
         self.template = get_template(template)
@@ -73,16 +81,17 @@ class VisionLLMv2Processor:
     @classmethod
     def from_config(cls, cfg: VLLM2Config) -> VisionLLMv2Processor:
         """Build from a project config (tokenizer from ``llm.tokenizer`` or the built-in tiny one)."""
-        routes = cfg.route_table()
-        tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes)
-        return cls(tokenizer, cfg.vision, routes, cfg.llm.template)
+        routes, text_link = cfg.route_table(), cfg.text_link()
+        tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, extra_tokens=_tokens(text_link))
+        return cls(tokenizer, cfg.vision, routes, cfg.llm.template, text_link)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the tokenizer and ``processor_config.json`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
-        meta = {"vision": config_to_dict(self.vision), "routes": self.routes.to_config(), "template": self.template.name}
+        meta = {"vision": config_to_dict(self.vision), "routes": self.routes.to_config(), "template": self.template.name,
+                "text_link": dataclasses.asdict(self.text_link) if self.text_link else None}
         (directory / PROCESSOR_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -93,9 +102,11 @@ class VisionLLMv2Processor:
             raise FileNotFoundError(f"processor config {str(path)!r} does not exist")
         meta = json.loads(path.read_text())
         routes = RouteTable.from_config(meta["routes"])
+        text_link = TextLink(**meta["text_link"]) if meta.get("text_link") else None
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        add_special_tokens(tokenizer, routes)
-        return cls(tokenizer, config_from_dict(VisionConfig, meta["vision"], "vision"), routes, meta["template"])
+        add_special_tokens(tokenizer, routes, _tokens(text_link))
+        return cls(tokenizer, config_from_dict(VisionConfig, meta["vision"], "vision"), routes, meta["template"],
+                   text_link)
 
     # ------------------------------------------------------------------------------------------------ images
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -71,13 +72,16 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def load_tokenizer(path: str | None, config_key: str = "llm.tokenizer", *, routes: RouteTable) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | None, config_key: str = "llm.tokenizer", *, routes: RouteTable,
+                   extra_tokens: Sequence[str] = ()) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local folder (or build the tiny one) and add the special tokens once.
 
     Args:
         path: local tokenizer folder, or None for the built-in tiny tokenizer.
         routes: the route table (its route and placeholder tokens are added).
         config_key: the config key named in errors.
+        extra_tokens: more special tokens, added after the official ones (text transmission's location and class
+            tokens).
     Returns:
         The tokenizer; every special token maps to exactly one id.
     """
@@ -89,16 +93,17 @@ def load_tokenizer(path: str | None, config_key: str = "llm.tokenizer", *, route
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    add_special_tokens(tokenizer, routes)
+    add_special_tokens(tokenizer, routes, extra_tokens)
     return tokenizer
 
 
-def add_special_tokens(tokenizer: PreTrainedTokenizerBase, routes: RouteTable) -> int:
-    """Add the missing special tokens in the official order; returns how many were added."""
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, routes: RouteTable, extra_tokens: Sequence[str] = ()) -> int:
+    """Add the missing special tokens in the official order, then ``extra_tokens``; returns how many were added."""
+    wanted = special_tokens(routes) + list(extra_tokens)
     vocab = tokenizer.get_vocab()
-    missing = [t for t in special_tokens(routes) if t not in vocab]
+    missing = [t for t in wanted if t not in vocab]
     added = tokenizer.add_tokens(missing, special_tokens=True) if missing else 0
-    for token in special_tokens(routes):
+    for token in wanted:
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"special token {token!r} encodes to {len(ids)} ids {ids}, expected exactly one")

@@ -62,8 +62,8 @@ def _owners(tokens: Sequence[str], routes: RouteTable) -> list[str]:
 
 
 def from_chat(result: ChatResult, routes: RouteTable) -> SamplePrediction:
-    """A :class:`SamplePrediction` from a chat answer (route tokens read from its text)."""
-    tokens = routes_in_text(result.text, routes)
+    """A :class:`SamplePrediction` from a chat answer (its routes, one per query group)."""
+    tokens = list(result.routes)
     owners = _owners(tokens, routes)
     outputs = {}
     for out in result.outputs:

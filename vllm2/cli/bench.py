@@ -193,8 +193,12 @@ def _prepare(args: argparse.Namespace, rank: int, world: int):
     routes, cfg = _routes_and_config(args)
     task = build_task(args.task, options).bind(routes)
     mode = "teacher_forced" if args.mode == "teacher-forced" else "question"
+    templates = Templates(routes, text=cfg.text_link())
+    if args.mode == "teacher-forced" and any(templates.writes_text(t) for t in task.route_tasks):
+        raise ValueError(f"task {args.task!r}: a text-transmission model writes its answer as tokens and has no "
+                         "decoder to teacher-force; use --mode routed")
     dataset = task.build_dataset(Path(args.data), Path(args.image_root) if args.image_root else None,
-                                 Templates(routes), mode, max_image_pixels=cfg.vision.max_image_pixels)
+                                 templates, mode, max_image_pixels=cfg.vision.max_image_pixels)
     indices = list(range(min(len(dataset), args.limit or len(dataset))))
     runner.check_samples(dataset, runner.shard(indices, rank, world))
     if args.clip_weights is not None:

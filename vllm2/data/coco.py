@@ -164,7 +164,7 @@ class CocoDataset(_CocoReader):
             rendered = self.templates.interactive(boxes, masks, rng)
             regions = [(self._prompt(boxes[k], masks[k], rng), 0) for k in rendered.regions]
             return self.sample(index, rendered, [image], regions)
-        rendered = self.templates.detection(self.task, self.names, categories, boxes, masks, rng)
+        rendered = self.templates.detection(self.task, self.names, categories, boxes, masks, rng, (width, height))
         return self.sample(index, rendered, [image])
 
     def _instances(self, position: int, width: int, height: int,
@@ -269,7 +269,7 @@ class RefCocoDataset(RecordFileDataset):
             mask = decode_segmentation(record.get("segmentation"), image.height, image.width)
             if not mask.any():
                 raise ValueError("field 'segmentation' covers no pixel")
-        return self.sample(index, self.templates.grounding(self.task, expression, box, mask, rng), [image])
+        return self.sample(index, self.templates.grounding(self.task, expression, box, mask, rng, image.size), [image])
 
 
 def _count_expressions(record: Any) -> int:
@@ -360,7 +360,8 @@ class CocoKeypointDataset(_CocoReader):
             areas.append(float(area))
         points = np.stack(keypoints) if keypoints else np.zeros((0, len(keypoint_names), 3), dtype=np.float32)
         rendered = self.templates.pose(name, keypoint_names, boxes_array(boxes), points,
-                                       np.asarray(areas, dtype=np.float32), rng, dataset=self.name)
+                                       np.asarray(areas, dtype=np.float32), rng, dataset=self.name,
+                                       image_size=image.size)
         return self.sample(index, rendered, [image])
 
 

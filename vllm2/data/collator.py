@@ -2,7 +2,8 @@
 
 The text, images and regions go through the processor (right padding); the raw targets are grouped per decoder as
 ``decoder_inputs = {name: {"batch_index": LongTensor [B_d], "images": [PIL | None], "targets": [dict]}}`` in batch
-order, the convention of ``VisionLLMv2Model.forward``. A decoder's image is the sample's first image (None for a
+order, the convention of ``VisionLLMv2Model.forward``. Targets a text-transmission answer writes as tokens
+(``TaskSample.in_text``) are trained by the LM loss alone and reach no decoder. A decoder's image is the sample's first image (None for a
 sample without images, e.g. text-to-image). Targets stay numpy arrays / PIL images: a trainer that moves tensors to
 the device (or casts them to bf16) leaves them alone, and each decoder's ``prepare`` converts them.
 
@@ -80,7 +81,7 @@ class Collator:
                 raise ValueError(f"{sample.source}: the conversation ends without an answer (question mode); "
                                  "use processor(..., generation=True) for prompts")
         batch = self._process(kept)
-        targets = [s.targets for s in kept]
+        targets = [{} if s.in_text else s.targets for s in kept]
         if self.max_length is not None:
             targets = self._fit(batch, kept, targets)
         self._check_routes(batch["input_ids"], kept, targets)

@@ -198,8 +198,9 @@ def build_mixture(cfg: Any, routes: RouteTable, *, mode: str = "train", skip_bad
         vision = getattr(cfg, "vision", None)
         max_image_pixels = vision.max_image_pixels if vision is not None else 89_478_485
     template_options = dict(data.get("templates") or {})
+    text = cfg.text_link() if hasattr(cfg, "text_link") else None
     try:
-        templates = Templates(routes, **template_options)
+        templates = Templates(routes, text=text, **template_options)
     except TypeError as err:
         raise KeyError(f"config key data.templates: {err}") from err
     common = {"mode": mode, "seed": seed, "skip_bad_records": skip_bad_records, "max_image_pixels": max_image_pixels}

@@ -153,7 +153,7 @@ class TaskDataset(Dataset):
                regions: list[tuple[np.ndarray, int]] | None = None) -> TaskSample:
         """The :class:`TaskSample` of a rendered single-turn task in this reader's mode."""
         return TaskSample(self.task_of(index), to_turns(rendered, self.mode), images, regions or [],
-                          rendered.targets, self.source(index))
+                          rendered.targets, self.source(index), rendered.in_text)
 
     def finish_turns(self, turns: list[Turn]) -> list[Turn]:
         """A conversation for this mode: ``"question"`` drops the final assistant turn."""

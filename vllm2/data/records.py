@@ -64,6 +64,8 @@ class TaskSample:
             "labels", "keypoints" [N, Kp, 3], "areas" [N], "keypoint_ids" [Kp]}``; sd ``{"image", "caption"}``;
             ip2p ``{"image"}`` (the input image is ``images[0]``).
         source: ``"<file>[<index>]"`` of the record, for error messages.
+        in_text: the answer writes the targets as location and class tokens (text transmission); they are ground
+            truth for benchmarks and reach no decoder.
     """
 
     task: str
@@ -72,6 +74,7 @@ class TaskSample:
     regions: list[tuple[np.ndarray, int]] = field(default_factory=list)
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
+    in_text: bool = False
 
 
 class RecordError(ValueError):

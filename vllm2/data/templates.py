@@ -13,6 +13,13 @@ Rendering rules (the official ones, see the reference notes, section 4):
   ``all_keypoints_prob`` all of them, else a random subset in skeleton order; targets are remapped to it).
 - Evaluation (``rng=None``) uses the FIRST phrasing of every slot, every category in dataset order and every
   keypoint name in skeleton order.
+
+Text transmission (``Templates(..., text=TextLink)``, the v1 baseline) changes three tasks: ``det``, ``rec`` and
+``pose`` answers write their targets as class and location tokens instead of route groups (see
+:mod:`superlink.text`), and their targets are kept only as ground truth (``Rendered.in_text``). The question of a
+det/pose prompt ends with a ``Classes: circle<c0>, square<c1>.`` clause binding names to class tokens; instances
+are written in raster order of their boxes (by class first in detection); a pose instance is ``<c0>`` + box then
+``<cj>`` + point for each visible keypoint (``j`` its prompt position, 1-based).
 """
 
 from __future__ import annotations
@@ -25,13 +32,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from superlink import RouteTable
+from superlink import RouteTable, TextLink
 
 from ..conversation import Turn
 from ..tokenizer import IMAGE_TOKEN, MARKER_TOKENS, REGION_TOKEN
 from .records import MODES
 
-__all__ = ["DEFAULT_PHRASINGS", "Rendered", "Templates", "region_marker", "to_turns"]
+__all__ = ["DEFAULT_PHRASINGS", "TEXT_TASKS", "Rendered", "Templates", "region_marker", "to_turns"]
 
 # Slot name -> phrasings (the first one is the official phrasing, used in evaluation). Fields in braces are filled in.
 DEFAULT_PHRASINGS: dict[str, tuple[str, ...]] = {
@@ -117,6 +124,8 @@ _FIELDS = {
     "generation_answer": {"results"},
 }
 
+TEXT_TASKS = ("det", "rec", "pose")  # the tasks whose targets text transmission writes as tokens
+
 _REGION_REF = re.compile(r"<region(\d+)>")
 
 
@@ -134,12 +143,14 @@ class Rendered:
         answer: the canonical assistant answer with route tokens and placeholders.
         targets: decoder name -> raw target, labels in answer order.
         regions: for region tasks, the indices of the candidate regions in ``<region>`` order.
+        in_text: the answer writes the targets as text (text transmission): they are ground truth only.
     """
 
     question: str
     answer: str
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     regions: list[int] = field(default_factory=list)
+    in_text: bool = False
 
 
 def to_turns(rendered: Rendered, mode: str) -> list[Turn]:
@@ -162,6 +173,7 @@ class Templates:
         all_categories_prob: probability of prompting every category (capped) in training.
         all_keypoints_prob: probability of prompting every keypoint name in training.
         max_regions: most region prompts in one training interactive-segmentation sample.
+        text: text transmission's location and class tokens (None: every task uses the super link).
     """
 
     def __init__(
@@ -173,6 +185,7 @@ class Templates:
         all_categories_prob: float = 0.5,
         all_keypoints_prob: float = 0.5,
         max_regions: int = 10,
+        text: TextLink | None = None,
     ) -> None:
         if max_categories < 1 or max_regions < 1:
             raise ValueError("templates: max_categories and max_regions must be >= 1")
@@ -184,8 +197,9 @@ class Templates:
         self.all_categories_prob = all_categories_prob
         self.all_keypoints_prob = all_keypoints_prob
         self.max_regions = max_regions
+        self.text = text
         self.reserved = tuple(t for t in (*MARKER_TOKENS, *routes.route_tokens, *routes.placeholder_tokens)
-                              if t != IMAGE_TOKEN)
+                              if t != IMAGE_TOKEN) + (text.tokens if text else ())
         self.phrasings = dict(DEFAULT_PHRASINGS)
         for slot, values in (phrasings or {}).items():
             self.phrasings[slot] = self._check_phrasings(slot, values)
@@ -212,6 +226,16 @@ class Templates:
     def decoder(self, task: str) -> str:
         """The decoder that receives the groups of ``task`` (for pose: the pose route's decoder)."""
         return self.routes.route(self.routes.route_for_task(task)).decoder
+
+    def writes_text(self, task: str) -> bool:
+        """Whether ``task``'s answers carry their targets as text (text transmission of det, rec and pose)."""
+        return self.text is not None and task in TEXT_TASKS
+
+    @staticmethod
+    def _size(task: str, image_size: tuple[int, int] | None) -> tuple[int, int]:
+        if image_size is None:
+            raise ValueError(f"text transmission of {task!r} needs the image size")
+        return image_size
 
     def phrase(self, slot: str, rng: np.random.Generator | None) -> str:
         """The first phrasing of ``slot`` (evaluation) or a random one (training)."""
@@ -264,6 +288,7 @@ class Templates:
         boxes: np.ndarray,
         masks: np.ndarray | None,
         rng: np.random.Generator | None,
+        image_size: tuple[int, int] | None = None,
     ) -> Rendered:
         """Detection / instance / semantic segmentation.
 
@@ -274,14 +299,13 @@ class Templates:
             boxes: ``[N, 4]`` xyxy pixels.
             masks: optional ``[N, H, W]`` bool.
             rng: None in evaluation.
+            image_size: ``(width, height)``; needed by text transmission.
         Returns:
             The rendered sample; targets keep the instances of prompted categories, labelled by answer position.
         """
         chosen = self.select_categories(len(names), categories.tolist(), rng)
         slot = "semantic_seg_question" if task == "semantic_seg" else "det_question"
-        suffix = self.suffix(task)
         question = self.phrase(slot, rng).format(categories=", ".join(names[c] for c in chosen))
-        answer = self.phrase("det_answer", rng).format(results=", ".join(f"{names[c]}{suffix}" for c in chosen))
         rank = np.full(len(names), -1, dtype=np.int64)
         rank[chosen] = np.arange(len(chosen))
         labels = rank[categories] if len(categories) else np.zeros(0, dtype=np.int64)  # [N]
@@ -289,18 +313,33 @@ class Templates:
         target: dict[str, Any] = {"boxes": boxes[keep].astype(np.float32), "labels": labels[keep]}
         if masks is not None:
             target["masks"] = masks[keep]
-        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder(task): target})
+        if self.writes_text(task):
+            width, height = self._size(task, image_size)
+            kept, kept_labels = boxes[keep], labels[keep]
+            order = np.lexsort((kept[:, 0], kept[:, 1], kept_labels))  # by class, then top, then left
+            results = "".join(self.text.cls(int(kept_labels[i])) + self.text.box(kept[i], width, height)
+                              for i in order)
+            question = f"{question} {self.text.declare([names[c] for c in chosen])}"
+        else:
+            suffix = self.suffix(task)
+            results = ", ".join(f"{names[c]}{suffix}" for c in chosen)
+        answer = self.phrase("det_answer", rng).format(results=results)
+        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder(task): target}, in_text=self.writes_text(task))
 
     def grounding(
-        self, task: str, expression: str, box: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator | None
+        self, task: str, expression: str, box: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator | None,
+        image_size: tuple[int, int] | None = None,
     ) -> Rendered:
-        """Referring expression comprehension (``"rec"``) or segmentation (``"res"``): one group, label 0."""
+        """Referring expression comprehension (``"rec"``) or segmentation (``"res"``): one group, label 0
+        (text transmission: one untagged box; ``image_size`` is ``(width, height)``)."""
         question = self.phrase("grounding_question", rng).format(expression=expression)
-        answer = self.phrase("grounding_answer", rng).format(results=self.suffix(task))
+        in_text = self.writes_text(task)
+        results = self.text.box(box, *self._size(task, image_size)) if in_text else self.suffix(task)
+        answer = self.phrase("grounding_answer", rng).format(results=results)
         target: dict[str, Any] = {"boxes": box[None].astype(np.float32), "labels": np.zeros(1, dtype=np.int64)}
         if mask is not None:
             target["masks"] = mask[None]
-        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder(task): target})
+        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder(task): target}, in_text=in_text)
 
     # ------------------------------------------------------------------------------------------------ pose
 
@@ -320,6 +359,7 @@ class Templates:
         areas: np.ndarray,
         rng: np.random.Generator | None,
         dataset: str | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> Rendered:
         """Pose: a detection question for the object class and a keypoint question, one turn.
 
@@ -333,18 +373,25 @@ class Templates:
             boxes: ``[N, 4]`` xyxy; keypoints: ``[N, Kp, 3]`` (x, y, v); areas: ``[N]``.
             rng: None in evaluation.
             dataset: dataset name for the keypoint decoder's per-dataset sigmas.
+            image_size: ``(width, height)``; needed by text transmission.
         """
         chosen = self.select_keypoints(len(keypoint_names), rng)
-        det_suffix, pose_suffix = self.suffix("det"), self.suffix("pose")
         question = " ".join([
             self.phrase("det_question", rng).format(categories=object_name),
             self.phrase("pose_question", rng).format(keypoints=", ".join(keypoint_names[k] for k in chosen)),
         ])
-        answer = " ".join([
-            self.phrase("det_answer", rng).format(results=f"{object_name}{det_suffix}"),
-            self.phrase("pose_answer", rng).format(
-                results=", ".join(f"{keypoint_names[k]}{pose_suffix}" for k in chosen)),
-        ])
+        in_text = self.writes_text("pose")
+        if in_text:
+            question = f"{question} {self.text.declare([object_name, *(keypoint_names[k] for k in chosen)])}"
+            answer = self.phrase("pose_answer", rng).format(
+                results=self._text_instances(boxes, keypoints[:, chosen], self._size("pose", image_size)))
+        else:
+            det_suffix, pose_suffix = self.suffix("det"), self.suffix("pose")
+            answer = " ".join([
+                self.phrase("det_answer", rng).format(results=f"{object_name}{det_suffix}"),
+                self.phrase("pose_answer", rng).format(
+                    results=", ".join(f"{keypoint_names[k]}{pose_suffix}" for k in chosen)),
+            ])
         target: dict[str, Any] = {
             "boxes": boxes.astype(np.float32),
             "labels": np.zeros(len(boxes), dtype=np.int64),
@@ -354,7 +401,21 @@ class Templates:
         }
         if dataset is not None and chosen == list(range(len(keypoint_names))):
             target["dataset"] = dataset
-        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder("pose"): target})
+        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder("pose"): target}, in_text=in_text)
+
+    def _text_instances(self, boxes: np.ndarray, keypoints: np.ndarray, image_size: tuple[int, int]) -> str:
+        """Pose instances as text, raster order: ``<c0>`` + box, then ``<cj>`` + point per visible keypoint.
+
+        Args:
+            boxes: ``[N, 4]`` xyxy; keypoints: ``[N, Kp, 3]`` in prompt order.
+        """
+        width, height = image_size
+        parts = []
+        for i in np.lexsort((boxes[:, 0], boxes[:, 1])):
+            parts.append(self.text.cls(0) + self.text.box(boxes[i], width, height))
+            parts += [self.text.cls(j + 1) + self.text.point(x, y, width, height)
+                      for j, (x, y, v) in enumerate(keypoints[i]) if v > 0]
+        return "".join(parts)
 
     # ------------------------------------------------------------------------------------------------ regions
 
