@@ -29,6 +29,7 @@ from vllm2.bench import (
     keypoint_sigmas,
     keypoints_to_coco,
     load_clip_scorer,
+    match_instances,
     normalize_vqa_answer,
     pck,
     rec_accuracy,
@@ -237,6 +238,15 @@ def test_pck_by_hand():
     box_b = [0, 0, 10, 10]  # threshold 2 px; no prediction -> both wrong
     assert pck([pred, None], [gt, gt_b], [box, box_b]) == pytest.approx(2 / 5)
     assert pck([pred], [gt], [box], alpha=0.25) == pytest.approx(1.0)  # threshold 10 px
+
+
+def test_match_instances_by_score_then_overlap():
+    gt = [[0, 0, 10, 10], [20, 0, 30, 10], [50, 50, 60, 60]]
+    pred = [[1, 1, 10, 10], [0, 0, 9, 9], [21, 0, 30, 10], [80, 80, 90, 90]]
+    # the best-scoring prediction takes the first instance; the second one, also on it, falls back to nothing else
+    # it overlaps; the third finds its own; the far one and the third instance stay unmatched
+    assert match_instances(pred, [0.5, 0.9, 0.7, 0.8], gt) == [1, 2, None]
+    assert match_instances(np.zeros((0, 4)), [], gt) == [None, None, None]
 
 
 def test_vqa_normalisation():

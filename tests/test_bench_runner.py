@@ -236,7 +236,7 @@ def _pose_prediction(k: int, target: dict, routed: bool) -> tuple[SamplePredicti
     skeleton[..., 2] = 1.0
     order = [2, 0, 1] if routed else [0, 1, 2]
     result = {"keypoints": torch.tensor(skeleton[:, order]), "scores": torch.tensor([0.8, 0.6][: len(skeleton)]),
-              "labels": torch.zeros(len(skeleton), dtype=torch.long), "boxes": torch.zeros(len(skeleton), 4)}
+              "labels": torch.zeros(len(skeleton), dtype=torch.long), "boxes": torch.tensor(target["boxes"])}
     groups = ["[DET]", "[POSE]", "[POSE]", "[POSE]"]
     phrases = ["person", "right eye", "nose", "left eye"] if routed else None
     return SamplePrediction("", ["[DET]", "[POSE]"], {"keypoint": DecoderPrediction(groups, phrases, result)}), skeleton
@@ -260,9 +260,9 @@ def test_pose_dispatch(tmp_path, routed):
         for kpts, score in zip(skeleton, [0.8, 0.6]):
             records.append({"image_id": 20 + i, "category_id": 1, "keypoints": kpts.reshape(-1).tolist(),
                             "score": score})
-        tops.append(skeleton[0])
-        gts.append(target["keypoints"][0])
-        boxes.append(target["boxes"][0])
+        tops += list(skeleton)  # each prediction lies on its own ground-truth box, so it is matched to it
+        gts += list(target["keypoints"])
+        boxes += list(target["boxes"])
     assert got["metrics"]["keypoints"] == coco_eval(str(path), records, "keypoints")
     assert 0 < got["metrics"]["keypoints"]["AP"] < 1
     assert got["metrics"]["PCK@0.1"] == pytest.approx(pck(tops, gts, boxes, 0.1))

@@ -20,7 +20,7 @@ from .metrics_clip import (
     load_clip_scorer,
 )
 from .metrics_coco import coco_eval, coco_gt_from_targets, detections_to_coco, keypoint_sigmas, keypoints_to_coco
-from .metrics_ground import aligned_box_iou, pck, rec_accuracy, res_iou, top1
+from .metrics_ground import aligned_box_iou, match_instances, pck, rec_accuracy, res_iou, top1
 from .metrics_text import bleu, caption_metrics, cider_d, normalize_vqa_answer, vqa_accuracy, vqa_score
 from .runner import evaluate, evaluate_sharded, routed_predictor, teacher_forced_predictor
 from .tasks import TASKS, BenchTask, DecoderPrediction, SamplePrediction, TaskOptions, build_task
@@ -52,6 +52,7 @@ __all__ = [
     "keypoint_sigmas",
     "keypoints_to_coco",
     "load_clip_scorer",
+    "match_instances",
     "normalize_vqa_answer",
     "pck",
     "rec_accuracy",

@@ -43,6 +43,27 @@ def aligned_box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
+def match_instances(pred_boxes: Any, pred_scores: Any, gt_boxes: Any) -> list[int | None]:
+    """Match predicted instances to ground-truth instances: in descending score order, each prediction takes the
+    unmatched ground-truth instance its box overlaps most (IoU > 0).
+
+    Args:
+        pred_boxes: ``[n, 4]`` xyxy; pred_scores: ``[n]``; gt_boxes: ``[m, 4]`` xyxy.
+    Returns:
+        Per ground-truth instance the index of its prediction, or None.
+    """
+    pred = _np(pred_boxes).astype(np.float64).reshape(-1, 4)
+    gt = _np(gt_boxes).astype(np.float64).reshape(-1, 4)
+    n, m = len(pred), len(gt)
+    ious = aligned_box_iou(np.repeat(pred, m, 0), np.tile(gt, (n, 1))).reshape(n, m)  # [n, m]
+    match: list[int | None] = [None] * m
+    for i in np.argsort(-_np(pred_scores).reshape(-1), kind="stable"):
+        free = [j for j in range(m) if match[j] is None and ious[i, j] > 0]
+        if free:
+            match[max(free, key=lambda j: ious[i, j])] = int(i)
+    return match
+
+
 def rec_accuracy(pred_boxes: Sequence[Any | None], gt_boxes: Sequence[Any], threshold: float = 0.5) -> float:
     """Referring expression comprehension accuracy: share of expressions whose top-1 box has IoU >= ``threshold``.
 

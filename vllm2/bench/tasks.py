@@ -27,7 +27,7 @@ from ..data.records import TaskSample
 from ..data.templates import Templates
 from .metrics_clip import ClipScorer, clip_score, edit_metrics
 from .metrics_coco import coco_eval, detections_to_coco, keypoint_sigmas, keypoints_to_coco, load_coco
-from .metrics_ground import aligned_box_iou, iou_summary, mask_counts, pck, rec_accuracy, top1
+from .metrics_ground import aligned_box_iou, iou_summary, mask_counts, match_instances, pck, rec_accuracy, top1
 from .metrics_text import caption_metrics, vqa_accuracy
 from .readers import CaptionDataset, VqaDataset
 
@@ -262,9 +262,10 @@ class ResTask(RecTask):
 
 
 class PoseTask(BenchTask):
-    """Keypoints: COCO keypoint AP (OKS with per-skeleton sigmas) and PCK@alpha of the top-1 instance against the
-    image's first ground-truth instance (PCK is meant for single-instance datasets). All skeletons of the file must
-    have the same number of keypoints."""
+    """Keypoints: COCO keypoint AP (OKS with per-skeleton sigmas) and PCK@alpha pooled over every ground-truth
+    instance, each against the predicted instance matched to it (:func:`match_instances`: by score, then box IoU;
+    an unmatched instance's keypoints all count as wrong). All skeletons of the file must have the same number of
+    keypoints."""
 
     name = "pose"
     route_tasks = ("det", "pose")
@@ -306,16 +307,17 @@ class PoseTask(BenchTask):
         position, skeleton = dataset.items[index]
         image_id = _coco_image_id(dataset, index)
         target = sample.targets[self.decoder()]
-        gt = ([_list(target["keypoints"][0]), _list(target["boxes"][0])] if len(target["boxes"]) else None)
         out = _output(pred, self.decoder())
-        if out is None:
-            return {"image_id": image_id, "results": [], "top1": None, "gt": gt}
-        cats, keypoints = self._mapped(dataset, skeleton, out)
-        result = {"keypoints": keypoints, "scores": out.result["scores"], "labels": out.result["labels"]}
-        results = keypoints_to_coco(image_id, result, cats)
-        best = max(results, key=lambda r: r["score"]) if results else None
-        return {"image_id": image_id, "results": results, "gt": gt,
-                "top1": np.asarray(best["keypoints"]).reshape(-1, 3).tolist() if best else None}
+        results: list[dict] = []
+        match: list[int | None] = [None] * len(target["boxes"])
+        if out is not None:
+            cats, keypoints = self._mapped(dataset, skeleton, out)
+            result = {"keypoints": keypoints, "scores": out.result["scores"], "labels": out.result["labels"]}
+            results = keypoints_to_coco(image_id, result, cats)
+            match = match_instances(out.result["boxes"], out.result["scores"], target["boxes"])
+        pairs = [[None if j is None else keypoints[j].tolist(), _list(gt_kp), _list(gt_box)]
+                 for j, gt_kp, gt_box in zip(match, target["keypoints"], target["boxes"])]
+        return {"image_id": image_id, "results": results, "pairs": pairs}
 
     def aggregate(self, dataset, records):
         gt = load_coco(str(dataset.path))
@@ -325,11 +327,10 @@ class PoseTask(BenchTask):
         if sigmas is None:
             names = dataset.skeletons[0][2]
             sigmas = keypoint_sigmas(len(names), names).tolist()
-        with_gt = [r for r in records if r["gt"] is not None]
+        pairs = [p for r in records for p in r["pairs"]]
         alpha = self.options.pck_alpha
         return {"keypoints": coco_eval(gt, results, "keypoints", image_ids=ids, sigmas=sigmas),
-                f"PCK@{alpha}": pck([r["top1"] for r in with_gt], [r["gt"][0] for r in with_gt],
-                                    [r["gt"][1] for r in with_gt], alpha)}
+                f"PCK@{alpha}": pck([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs], alpha)}
 
 
 class VqaTask(BenchTask):
