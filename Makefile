@@ -10,7 +10,10 @@ MODEL := data/shapes-model
 BENCH := $(PY) -m vllm2.cli bench
 BENCH_OUT := runs/shapes-bench
 
-.PHONY: venv browser test demo shapes-model shapes-bench clean
+TEXT_MODEL := runs/shapes-text/final
+COMPARE_OUT := runs/shapes-compare
+
+.PHONY: venv browser test demo shapes-model shapes-bench shapes-text-model shapes-compare clean
 
 venv: $(STAMP)
 
@@ -59,6 +62,24 @@ shapes-bench: $(SHAPES)/val/manifest.json
 	$(BENCH) gen --model $(MODEL) --data $(SHAPES)/val/t2i.jsonl --judge shapes --batch-size 16 --out $(BENCH_OUT)/gen.json
 	$(BENCH) edit --model $(MODEL) --data $(SHAPES)/val/edit.jsonl --judge shapes --batch-size 16 \
 		--out $(BENCH_OUT)/edit.json
+
+# The text-transmission baseline (configs/shapes-text.yaml: same model, data, steps and batch) -> $(TEXT_MODEL).
+shapes-text-model: $(SHAPES)/train/manifest.json
+	$(PY) -m vllm2.cli train configs/shapes-text.yaml
+
+# Super link against text transmission on the held-out world: det, rec and pose of both models (routed), then tokens
+# decoded and seconds per image side by side (benchmarks/transmission.py).
+shapes-compare: $(SHAPES)/val/manifest.json
+	mkdir -p $(COMPARE_OUT)
+	for kind in superlink text; do \
+		model=$$( [ $$kind = text ] && echo $(TEXT_MODEL) || echo $(MODEL) ); \
+		$(BENCH) det --model $$model --data $(SHAPES)/val/instances.json --batch-size 16 --out $(COMPARE_OUT)/$$kind-det.json; \
+		$(BENCH) rec --model $$model --data $(SHAPES)/val/refcoco.jsonl --batch-size 16 --out $(COMPARE_OUT)/$$kind-rec.json; \
+		$(BENCH) pose --model $$model --data $(SHAPES)/val/keypoints.json --pck-alpha 0.1 --batch-size 16 \
+			--out $(COMPARE_OUT)/$$kind-pose.json; \
+	done
+	$(PY) benchmarks/transmission.py --superlink $(MODEL) --text $(TEXT_MODEL) --data $(SHAPES)/val \
+		| tee $(COMPARE_OUT)/transmission.json
 
 clean:
 	rm -rf .venv

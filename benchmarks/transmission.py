@@ -5,7 +5,7 @@ own templates: the text model's det/pose questions also bind the class tokens) i
 model after the other, in batches with greedy decoding. ``tokens_per_image`` counts the positions the LLM decodes
 (super link: the sampled tokens plus the query positions of each route; text: every location and class token);
 ``seconds_per_image`` is the wall time of ``model.chat`` (super link: decoders included; text: token parsing
-included). Ratios are text / super link.
+included); ``malformed`` counts the text elements chat skipped. Ratios are text / super link.
 
 Usage: ``python benchmarks/transmission.py --superlink data/shapes-model --text runs/shapes-text/final
 --data data/shapes/val [--limit 64 --batch 16 --threads 2]``. Prints one JSON object.
@@ -39,7 +39,7 @@ def measure(folder: str, task_name: str, data: Path, limit: int, batch: int) -> 
     dataset = task.build_dataset(data / FILES[task_name], None, Templates(processor.routes,
                                  text=processor.text_link), "question")
     samples = [dataset[i] for i in range(min(limit, len(dataset)))]
-    tokens, seconds = 0, 0.0
+    tokens, seconds, malformed = 0, 0.0, 0
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
         begin = time.perf_counter()
@@ -47,7 +47,9 @@ def measure(folder: str, task_name: str, data: Path, limit: int, batch: int) -> 
                              max_new_tokens=task.max_new_tokens, decoder_options=task.decoder_options())
         seconds += time.perf_counter() - begin
         tokens += sum(r.num_tokens for r in results)
-    return {"tokens_per_image": tokens / len(samples), "seconds_per_image": seconds / len(samples)}
+        malformed += sum(r.malformed for r in results)
+    return {"tokens_per_image": tokens / len(samples), "seconds_per_image": seconds / len(samples),
+            "malformed": malformed}
 
 
 def main() -> None:

@@ -103,6 +103,13 @@ def test_tokenizer_holds_each_token_once(text_processor, tiny_processor):
     assert tiny_processor.tokenizer.convert_tokens_to_ids("[DET]") == tok.convert_tokens_to_ids("[DET]")
 
 
+def test_processor_round_trip_keeps_the_text_link(text_processor, tmp_path):
+    text_processor.save_pretrained(tmp_path)
+    loaded = VisionLLMv2Processor.from_pretrained(tmp_path)
+    assert loaded.text_link == text_processor.text_link
+    assert loaded.tokenizer.get_vocab() == text_processor.tokenizer.get_vocab()
+
+
 def test_templates_write_what_chat_reads_back(world, text_processor):
     """The gold answers of det, rec and pose, tokenised, parse back to their targets within one bin, under the
     routes and decoders the benchmark expects."""

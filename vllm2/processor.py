@@ -90,7 +90,8 @@ class VisionLLMv2Processor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
-        meta = {"vision": config_to_dict(self.vision), "routes": self.routes.to_config(), "template": self.template.name,
+        meta = {"vision": config_to_dict(self.vision), "routes": self.routes.to_config(),
+                "template": self.template.name,
                 "text_link": dataclasses.asdict(self.text_link) if self.text_link else None}
         (directory / PROCESSOR_FILE).write_text(json.dumps(meta, indent=2))
 

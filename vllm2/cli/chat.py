@@ -1,8 +1,8 @@
 """``vllm2 chat``: one-shot (``--prompt``), a batch of prompts (``--batch``), or a multi-turn REPL about an image.
 
 ``--batch FILE`` reads a JSON list (or JSON lines) of ``{"image": PATH | null, "prompt": TEXT, "task": LABEL?}`` items
-(image paths relative to the file; the optional label heads the item's tile in ``OUT/sheet.png``) and answers them all in ONE batched generation: samples that route and samples that do not
-decode side by side.
+(image paths relative to the file; the optional label heads the item's tile in ``OUT/sheet.png``) and answers them
+all in ONE batched generation: samples that route and samples that do not decode side by side.
 
 Routes the model emits run their decoders; annotated pictures (boxes, masks, keypoints) and generated or edited
 images are written to ``--out`` and their paths printed. ``--json`` prints one JSON object per turn.
@@ -104,12 +104,14 @@ def _jsonable(output: RouteOutput, path: str | None) -> dict[str, Any]:
 
 def _report(result: ChatResult, paths: list[str | None], record: dict[str, Any], as_json: bool, indent: str) -> str:
     """Print one answer (a JSON line, or the text, decoder errors and pictures); returns its JSON line."""
-    line = json.dumps({**record, "text": result.text,
+    line = json.dumps({**record, "text": result.text, "num_tokens": result.num_tokens, "malformed": result.malformed,
                        "outputs": [_jsonable(o, p) for o, p in zip(result.outputs, paths)]})
     if as_json:
         print(line)
         return line
     print(f"{indent}{result.text}")
+    if result.malformed:
+        print(f"{indent}  ({result.malformed} malformed location elements skipped)")
     for output in result.outputs:
         if output.error:
             print(f"{indent}  [{output.route} -> {output.decoder}] {output.error}")

@@ -324,7 +324,8 @@ class Templates:
             suffix = self.suffix(task)
             results = ", ".join(f"{names[c]}{suffix}" for c in chosen)
         answer = self.phrase("det_answer", rng).format(results=results)
-        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder(task): target}, in_text=self.writes_text(task))
+        return Rendered(f"{IMAGE_TOKEN}\n{question}", answer, {self.decoder(task): target},
+                        in_text=self.writes_text(task))
 
     def grounding(
         self, task: str, expression: str, box: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator | None,
