@@ -6,10 +6,11 @@ from superlink.gather import QueryGroups, gather_queries
 from superlink.projection import QueryProjection
 from superlink.routes import DEFAULT_ROUTES, PLACEHOLDER_TOKENS, BoundRoutes, Route, RouteTable, placeholder_sequence
 from superlink.splice import RouteGroups, Truncation, locate_groups, query_position_mask, splice_queries, truncate_ids
-from superlink.text import ParsedText, TextBox, TextLink
+from superlink.text import CLASS_TOKEN, ParsedText, TextBox, TextLink
 
 __all__ = [
     "BoundRoutes",
+    "CLASS_TOKEN",
     "DEFAULT_ROUTES",
     "DecodeStep",
     "PLACEHOLDER_TOKENS",

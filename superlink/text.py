@@ -20,10 +20,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["TextLink", "ParsedText", "TextBox"]
+__all__ = ["CLASS_TOKEN", "TextLink", "ParsedText", "TextBox"]
 
-_LOC = re.compile(r"^<loc(-?\d+)>$")
-_CLS = re.compile(r"^<c(\d+)>$")
+CLASS_TOKEN = re.compile(r"<c(\d+)>")  # a class token; group 1 is its index
+_LOC = re.compile(r"<loc(-?\d+)>")
 
 
 @dataclass
@@ -99,15 +99,14 @@ class TextLink:
 
     # -------------------------------------------------------------------------------------------- reading
 
-    def _value(self, token: str, extent: float) -> float | None:
-        match = _LOC.match(token)
-        if match is None:
-            return None
-        step = int(match.group(1)) - self._low
-        return step / (self.location_bins - 1) * extent if 0 <= step < self.location_bins else None
+    def _step(self, token: str) -> int | None:
+        """The bin (0 .. location_bins - 1) of a location token, else None."""
+        match = _LOC.fullmatch(token)
+        step = int(match.group(1)) - self._low if match else -1
+        return step if 0 <= step < self.location_bins else None
 
     def _class(self, token: str) -> int | None:
-        match = _CLS.match(token)
+        match = CLASS_TOKEN.fullmatch(token)
         return int(match.group(1)) if match and int(match.group(1)) < self.class_tokens else None
 
     def parse(self, tokens: Sequence[str], width: float, height: float) -> ParsedText:
@@ -121,13 +120,12 @@ class TextLink:
         """
         out = ParsedText()
         label: int | None = None
-        locs: list[str] = []
-        started = False
+        steps: list[int] | None = None  # the bins of the element being read; None between elements
 
         def flush() -> None:
-            if not started:
+            if steps is None:
                 return
-            xs = [self._value(t, width if i % 2 == 0 else height) for i, t in enumerate(locs)]
+            xs = [s / (self.location_bins - 1) * (width if i % 2 == 0 else height) for i, s in enumerate(steps)]
             if len(xs) == 4 and xs[2] >= xs[0] and xs[3] >= xs[1]:
                 out.boxes.append(TextBox(label, (xs[0], xs[1], xs[2], xs[3])))
             elif len(xs) == 2 and label is not None and out.boxes and label not in out.boxes[-1].points:
@@ -136,16 +134,16 @@ class TextLink:
                 out.malformed += 1
 
         for token in tokens:
-            k = self._class(token)
+            k, step = self._class(token), self._step(token)
             if k is not None:
                 flush()
-                label, locs, started = k, [], True
-            elif self._value(token, 1.0) is not None:
-                if not started:
-                    label, locs, started = None, [], True
-                locs.append(token)
+                label, steps = k, []
+            elif step is not None:
+                if steps is None:
+                    label, steps = None, []
+                steps.append(step)
             else:
                 flush()
-                started = False
+                steps = None
         flush()
         return out

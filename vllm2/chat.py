@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from superlink import ParsedText, QueryGroups, RouteTable, TextBox, TextLink, gather_queries
+from superlink import CLASS_TOKEN, ParsedText, QueryGroups, RouteTable, TextBox, TextLink, gather_queries
 
 from .generation import generate
 from .modeling import to_device
@@ -117,7 +117,7 @@ def _text_pieces(processor: VisionLLMv2Processor, ids: list[int]) -> tuple[str, 
 
 def declared_classes(prompt: str) -> dict[int, str]:
     """The names a prompt binds to class tokens (``Classes: circle<c0>, square<c1>.`` -> ``{0: "circle", ...}``)."""
-    parts = re.split(r"<c(\d+)>", prompt)  # text, k, text, k, ..., text
+    parts = CLASS_TOKEN.split(prompt)  # text, k, text, k, ..., text
     return dict(zip((int(k) for k in parts[1::2]), route_phrases(parts[0:-1:2])))
 
 

@@ -86,8 +86,7 @@ def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
     Use :meth:`VisionLLMv2Model.load_pretrained_components` to load component weights from local folders.
     """
     routes, text_link = cfg.route_table(), cfg.text_link()
-    tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes,
-                               extra_tokens=text_link.tokens if text_link else ())
+    tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, text_link=text_link)
     names = [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
     token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in names}
     llm_cfg = _llm_config(cfg, len(tokenizer))

@@ -46,10 +46,6 @@ class Sample:
     regions: Sequence[tuple[np.ndarray, int]] = ()
 
 
-def _tokens(text_link: TextLink | None) -> tuple[str, ...]:
-    return text_link.tokens if text_link else ()
-
-
 class VisionLLMv2Processor:
     """Turns samples into model inputs.
 
@@ -82,7 +78,7 @@ class VisionLLMv2Processor:
     def from_config(cls, cfg: VLLM2Config) -> VisionLLMv2Processor:
         """Build from a project config (tokenizer from ``llm.tokenizer`` or the built-in tiny one)."""
         routes, text_link = cfg.route_table(), cfg.text_link()
-        tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, extra_tokens=_tokens(text_link))
+        tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, text_link=text_link)
         return cls(tokenizer, cfg.vision, routes, cfg.llm.template, text_link)
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -105,7 +101,7 @@ class VisionLLMv2Processor:
         routes = RouteTable.from_config(meta["routes"])
         text_link = TextLink(**meta["text_link"]) if meta.get("text_link") else None
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        add_special_tokens(tokenizer, routes, _tokens(text_link))
+        add_special_tokens(tokenizer, routes, text_link)
         return cls(tokenizer, config_from_dict(VisionConfig, meta["vision"], "vision"), routes, meta["template"],
                    text_link)
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from superlink import RouteTable
+from superlink import RouteTable, TextLink
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +72,14 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path: str | None, config_key: str = "llm.tokenizer", *, routes: RouteTable,
-                   extra_tokens: Sequence[str] = ()) -> PreTrainedTokenizerBase:
+                   text_link: TextLink | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local folder (or build the tiny one) and add the special tokens once.
 
     Args:
         path: local tokenizer folder, or None for the built-in tiny tokenizer.
         routes: the route table (its route and placeholder tokens are added).
         config_key: the config key named in errors.
-        extra_tokens: more special tokens, added after the official ones (text transmission's location and class
-            tokens).
+        text_link: text transmission's vocabulary; its location and class tokens are added after the official ones.
     Returns:
         The tokenizer; every special token maps to exactly one id.
     """
@@ -93,13 +91,15 @@ def load_tokenizer(path: str | None, config_key: str = "llm.tokenizer", *, route
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    add_special_tokens(tokenizer, routes, extra_tokens)
+    add_special_tokens(tokenizer, routes, text_link)
     return tokenizer
 
 
-def add_special_tokens(tokenizer: PreTrainedTokenizerBase, routes: RouteTable, extra_tokens: Sequence[str] = ()) -> int:
-    """Add the missing special tokens in the official order, then ``extra_tokens``; returns how many were added."""
-    wanted = special_tokens(routes) + list(extra_tokens)
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, routes: RouteTable,
+                       text_link: TextLink | None = None) -> int:
+    """Add the missing special tokens in the official order, then those of ``text_link``; returns how many were
+    added."""
+    wanted = special_tokens(routes) + list(text_link.tokens if text_link else ())
     vocab = tokenizer.get_vocab()
     missing = [t for t in wanted if t not in vocab]
     added = tokenizer.add_tokens(missing, special_tokens=True) if missing else 0

@@ -3,9 +3,10 @@
 The text, images and regions go through the processor (right padding); the raw targets are grouped per decoder as
 ``decoder_inputs = {name: {"batch_index": LongTensor [B_d], "images": [PIL | None], "targets": [dict]}}`` in batch
 order, the convention of ``VisionLLMv2Model.forward``. A decoder's image is the sample's first image (None for a
-sample without images, e.g. text-to-image). Targets a text-transmission answer writes as tokens
-(``TaskSample.in_text``) are trained by the LM loss alone and reach no decoder. Targets stay numpy arrays / PIL images: a trainer that moves tensors to
-the device (or casts them to bf16) leaves them alone, and each decoder's ``prepare`` converts them.
+sample without images, e.g. text-to-image). Targets stay numpy arrays / PIL images: a trainer that moves tensors to
+the device (or casts them to bf16) leaves them alone, and each decoder's ``prepare`` converts them. Targets a
+text-transmission answer writes as tokens (``TaskSample.in_text``) are trained by the LM loss alone and reach no
+decoder.
 
 Samples that are ``None`` (bad records skipped by the dataset) are dropped and counted in :attr:`Collator.dropped`.
 
