@@ -201,6 +201,27 @@ def test_both_losses_reach_query_states_and_mapper(name: str) -> None:
     assert not any(p.requires_grad for p in decoder.sd_text_encoder.parameters())
 
 
+def test_warns_once_when_captions_are_cut_from_the_alignment_target(caplog) -> None:
+    """A caption longer than ``num_prompt_tokens`` loses its end in the alignment target: one warning naming it."""
+    decoder = undropped("ip2p", num_prompt_tokens=8)
+    decoder.set_tokenizer(tiny_tokenizer())
+    queries, mask = one_group()
+
+    def align(caption: str) -> None:
+        inputs = decoder.prepare([blob_image(32, 32, 1)], [{"image": blob_image(32, 32, 2), "caption": caption}])
+        decoder(queries, mask, inputs)
+
+    with caplog.at_level("WARNING", logger="decoders.diffusion.common"):
+        align("red")  # BOS + 3 characters + EOS = 5 tokens
+        assert not caplog.records
+        align("make it blue")  # 12 tokens
+        align("make it green")
+    assert [r.getMessage() for r in caplog.records] == [
+        "ip2p: a caption of 12 tokens is cut to num_prompt_tokens=8 in the alignment target; raise "
+        "ip2p.num_prompt_tokens to keep whole captions"
+    ]
+
+
 def test_masked_groups_are_skipped_and_targets_follow_samples() -> None:
     """Only valid groups are decoded; sample 1's two groups both use sample 1's target."""
     sd = StableDiffusionDecoder(tiny_sd_config(), LLM).eval()

@@ -132,6 +132,7 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
         if config.gradient_checkpointing:
             self.sd_unet.enable_gradient_checkpointing()
         self._warned_no_tokenizer = False
+        self._warned_truncated = False
 
     @property
     def device(self) -> torch.device:
@@ -258,11 +259,23 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
                 logger.warning("%s: captions given but no CLIP tokenizer is set; alignment loss skipped", self.name)
                 self._warned_no_tokenizer = True
             return None
+        texts = [captions[i] for i in keep]
+        self._warn_truncated(texts)
         with torch.no_grad():
-            text = encode_text(
-                self.sd_text_encoder, self.sd_tokenizer, [captions[i] for i in keep], self.config.num_prompt_tokens
-            )  # [M, T, C]
-        return F.mse_loss(prompts[keep].float(), text.float())
+            text = encode_text(self.sd_text_encoder, self.sd_tokenizer, texts, self.config.num_prompt_tokens)
+        return F.mse_loss(prompts[keep].float(), text.float())  # text [M, T, C]
+
+    def _warn_truncated(self, texts: list[str]) -> None:
+        """Warn once when a caption is longer than the text encoder's ``num_prompt_tokens`` context: its end (often
+        the words that tell captions apart) is cut from the alignment target."""
+        if self._warned_truncated:
+            return
+        limit = self.config.num_prompt_tokens
+        longest = max(len(ids) for ids in self.sd_tokenizer(texts).input_ids)
+        if longest > limit:
+            logger.warning("%s: a caption of %d tokens is cut to num_prompt_tokens=%d in the alignment target; raise "
+                           "%s.num_prompt_tokens to keep whole captions", self.name, longest, limit, self.name)
+            self._warned_truncated = True
 
     def conditioning(self, prompts: torch.Tensor, inputs: dict[str, Any], sample_index: torch.Tensor,
                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
