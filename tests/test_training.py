@@ -103,3 +103,37 @@ def test_two_process_deepspeed_training_resumes_exactly(tmp_path, stage):
     assert sorted(again) == [1, 2, 3, 4, 5, 6]  # continued from step 3, history kept
     for step in (4, 5, 6):
         assert again[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), (step, again, full)
+
+
+def test_moving_average_export_follows_the_checkpoints_and_survives_a_resume(tmp_path):
+    """final-ema = the EMA (diffusers' schedule: decay 0 at step 1, then min(decay, (1+s)/(10+s)) at step s+1) of
+    the weights saved after every step; a single-process run resumed from checkpoint-2 (its weights read back with
+    their saved key names) repeats step 3 exactly and exports the same average."""
+    from vllm2.training import train
+
+    def run(name: str, resume: str | None = None) -> dict[str, torch.Tensor]:
+        path = _write_config(tmp_path, tmp_path / name, steps=3, save=1, deepspeed=None)
+        return weights(train(load_config(path, ["training.ema_decay=0.2"]), resume=resume).ema_dir)
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in VisionLLMv2Model.from_pretrained(folder).named_parameters()}
+
+    def average(snapshots: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        expected = dict(snapshots[0])
+        for step, snapshot in enumerate(snapshots[1:], start=1):
+            decay = min(0.2, (1 + step) / (10 + step))
+            expected = {n: decay * expected[n] + (1 - decay) * w for n, w in snapshot.items()}
+        return expected
+
+    exported = run("ema")
+    snapshots = [weights(tmp_path / "ema" / f"checkpoint-{k}") for k in (1, 2, 3)]
+    moved = [n for n in exported if not torch.equal(snapshots[0][n], snapshots[-1][n])]
+    assert moved and not any(torch.equal(exported[n], snapshots[-1][n]) for n in moved)  # not the last weights
+    for n, w in average(snapshots).items():
+        torch.testing.assert_close(exported[n], w, rtol=1e-5, atol=1e-7, msg=n)
+
+    resumed = run("resumed", resume=str(tmp_path / "ema" / "checkpoint-2"))
+    full, again = _losses(tmp_path / "ema" / "checkpoint-3"), _losses(tmp_path / "resumed" / "checkpoint-3")
+    assert again[3] == pytest.approx(full[3], rel=1e-5, abs=1e-6), (again, full)
+    for n, w in exported.items():
+        torch.testing.assert_close(resumed[n], w, rtol=1e-5, atol=1e-7, msg=n)

@@ -135,6 +135,7 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
+    ema_decay: float = 0.0  # > 0: also export the moving average of the weights to OUTPUT_DIR/final-ema
     logging_steps: int = 10
     save_steps: int = 500
     deepspeed: str | None = None

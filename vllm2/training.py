@@ -159,6 +159,36 @@ class _ClearStaleZero3Grads(TrainerCallback):
             buffer.zero_()
 
 
+class _WeightAverage(TrainerCallback):
+    """Exponential moving average of the trainable weights (diffusers ``EMAModel``, fp32 shadows), stepped after every
+    optimizer step and written into each checkpoint as ``ema.pt``, so a resumed run continues the same average."""
+
+    FILE = "ema.pt"
+
+    def __init__(self, model: nn.Module, decay: float, resume_from: Path | None) -> None:
+        from diffusers.training_utils import EMAModel
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ema = EMAModel(self.params, decay=decay)
+        self.ema.to(dtype=torch.float32)
+        if resume_from is not None:
+            self.ema.load_state_dict(torch.load(resume_from / self.FILE))
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.ema.step(self.params)
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        if state.is_world_process_zero:
+            torch.save(self.ema.state_dict(), Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE)
+
+    def export(self, trainer: Trainer, folder: Path) -> None:
+        """Save the model with the averaged weights to ``folder``; the trained weights are put back afterwards."""
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        trainer.save_model(str(folder))
+        self.ema.restore(self.params)
+
+
 class VLLM2Trainer(Trainer):
     """``Trainer`` with task-aligned batches, path-matched lr multipliers and per-decoder loss logs."""
 
@@ -190,6 +220,15 @@ class VLLM2Trainer(Trainer):
             kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Checkpoints hold the model as ``save_pretrained`` writes it: keys renamed (e.g. GroundingDINO's backbone)
+        and tied weights left out, which ``Trainer``'s non-strict ``load_state_dict`` would silently skip. Outside
+        DeepSpeed (which restores its own files) the weights are read back through ``from_pretrained``, strictly."""
+        if self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = model or self.model
+        model.load_state_dict(type(model).from_pretrained(resume_from_checkpoint).state_dict())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -237,15 +276,19 @@ def training_arguments(cfg: VLLM2Config) -> TrainingArguments:
 
 
 def train(cfg: VLLM2Config, resume: bool | str | None = None) -> VLLM2Trainer:
-    """Build the model and the data mixture from ``cfg``, train, and export the final model to ``OUTPUT_DIR/final``.
+    """Build the model and the data mixture from ``cfg``, train, and export the final model to ``OUTPUT_DIR/final``
+    (with ``training.ema_decay`` > 0, the moving average of the weights also to ``OUTPUT_DIR/final-ema``).
 
     Args:
         cfg: the project config (``training`` and ``data`` sections).
         resume: True to continue from the latest checkpoint in ``training.output_dir``, or a checkpoint folder.
     Returns:
-        The trainer (``trainer.model`` is the trained model, ``trainer.final_dir`` the export folder).
+        The trainer (``trainer.model`` is the trained model, ``trainer.final_dir`` the export folder and
+        ``trainer.ema_dir`` that of the averaged weights, or None).
     """
     from transformers import set_seed
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.trainer_utils import get_last_checkpoint
 
     from .data import Collator, build_mixture
     from .modeling import build_model
@@ -264,11 +307,22 @@ def train(cfg: VLLM2Config, resume: bool | str | None = None) -> VLLM2Trainer:
     dataset = build_mixture(cfg, processor.routes)
     trainer = VLLM2Trainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(processor, t.max_length),
                            project=cfg, tasks=dataset.tasks)
+    average = None
+    if t.ema_decay > 0:
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("config key training.ema_decay: not supported under ZeRO-3 (partitioned weights)")
+        checkpoint = get_last_checkpoint(t.output_dir) if resume is True else resume
+        average = _WeightAverage(model, t.ema_decay, Path(checkpoint) if checkpoint else None)
+        trainer.add_callback(average)
     trainer.train(resume_from_checkpoint=resume)
     trainer.final_dir = Path(t.output_dir) / "final"
+    trainer.ema_dir = Path(t.output_dir) / "final-ema" if average else None
     trainer.save_model(str(trainer.final_dir))
+    if average:
+        average.export(trainer, trainer.ema_dir)
     if trainer.is_world_process_zero():
-        processor.save_pretrained(trainer.final_dir)
+        for folder in filter(None, (trainer.final_dir, trainer.ema_dir)):
+            processor.save_pretrained(folder)
     if dataset.bad_count:
         logger.warning("skipped %d bad records: %s", dataset.bad_count, dataset.bad_records[:20])
     return trainer

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = train(cfg, resume=args.resume)
     if trainer.is_world_process_zero():
         print(f"final model: {trainer.final_dir}")
+        if trainer.ema_dir:
+            print(f"averaged weights (training.ema_decay): {trainer.ema_dir}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
