@@ -109,7 +109,7 @@ def test_moving_average_export_follows_the_checkpoints_and_survives_a_resume(tmp
     """final-ema = the EMA (diffusers' schedule: decay 0 at step 1, then min(decay, (1+s)/(10+s)) at step s+1) of
     the weights saved after every step; a single-process run resumed from checkpoint-2 (its weights read back with
     their saved key names) repeats step 3 exactly and exports the same average."""
-    from vllm2.training import train
+    from vllm2.training import _WeightAverage, train
 
     def run(name: str, resume: str | None = None) -> dict[str, torch.Tensor]:
         path = _write_config(tmp_path, tmp_path / name, steps=3, save=1, deepspeed=None)
@@ -137,3 +137,7 @@ def test_moving_average_export_follows_the_checkpoints_and_survives_a_resume(tmp
     assert again[3] == pytest.approx(full[3], rel=1e-5, abs=1e-6), (again, full)
     for n, w in exported.items():
         torch.testing.assert_close(resumed[n], w, rtol=1e-5, atol=1e-7, msg=n)
+
+    (tmp_path / "ema" / "checkpoint-1" / "ema.pt").unlink()  # as in a checkpoint of a run without the average
+    with pytest.raises(FileNotFoundError, match="checkpoint-1/ema.pt"):
+        _WeightAverage(build_model(load_config("tiny")), 0.2, tmp_path / "ema" / "checkpoint-1")

@@ -172,7 +172,10 @@ class _WeightAverage(TrainerCallback):
         self.ema = EMAModel(self.params, decay=decay)
         self.ema.to(dtype=torch.float32)
         if resume_from is not None:
-            self.ema.load_state_dict(torch.load(resume_from / self.FILE))
+            path = resume_from / self.FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no moving average to resume (training.ema_decay was 0 then?)")
+            self.ema.load_state_dict(torch.load(path))
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         self.ema.step(self.params)
