@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .config import VLLM2Config
 
@@ -182,7 +183,8 @@ class _WeightAverage(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs) -> None:
         if state.is_world_process_zero:
-            torch.save(self.ema.state_dict(), Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE)
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            torch.save(self.ema.state_dict(), folder / self.FILE)
 
     def export(self, trainer: Trainer, folder: Path) -> None:
         """Save the model with the averaged weights to ``folder``; the trained weights are put back afterwards."""
@@ -226,12 +228,12 @@ class VLLM2Trainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Checkpoints hold the model as ``save_pretrained`` writes it: keys renamed (e.g. GroundingDINO's backbone)
-        and tied weights left out, which ``Trainer``'s non-strict ``load_state_dict`` would silently skip. Outside
-        DeepSpeed (which restores its own files) the weights are read back through ``from_pretrained``, strictly."""
-        if self.is_deepspeed_enabled:
+        and tied weights left out, which ``Trainer``'s non-strict ``load_state_dict`` would silently skip. ``Trainer``
+        calls this for a plain model (DeepSpeed restores its own files); its weights are read back through
+        ``from_pretrained``, strictly. A wrapped model (FSDP, SageMaker) keeps the base behaviour."""
+        if model is not None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        model = model or self.model
-        model.load_state_dict(type(model).from_pretrained(resume_from_checkpoint).state_dict())
+        self.model.load_state_dict(type(self.model).from_pretrained(resume_from_checkpoint).state_dict())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -291,7 +293,6 @@ def train(cfg: VLLM2Config, resume: bool | str | None = None) -> VLLM2Trainer:
     """
     from transformers import set_seed
     from transformers.integrations import is_deepspeed_zero3_enabled
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .data import Collator, build_mixture
     from .modeling import build_model
