@@ -308,8 +308,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 def test_vqa_and_caption_dispatch(tmp_path):
     names = write_images(tmp_path, 3)
     humans = [["two"] * 3 + ["3"] * 7, ["dog"] + ["cat"] * 9, ["yes"] * 10]
-    vqa = _write_jsonl(tmp_path / "vqa.jsonl", [{"image": n, "question": f"q{i}?", "answers": a}
-                                               for i, (n, a) in enumerate(zip(names, humans))])
+    types = ["number", "other", "number"]
+    vqa = _write_jsonl(tmp_path / "vqa.jsonl", [{"image": n, "question": f"q{i}?", "answers": a, "question_type": t}
+                                               for i, (n, a, t) in enumerate(zip(names, humans, types))])
     task, dataset = _dataset("vqa", vqa)
     assert dataset[0].turns == [("user", "<image>\nq0? Answer the question using a single word or phrase.")]
     texts = ["2", "The dog.", "yes [DET]"]
@@ -321,6 +322,11 @@ def test_vqa_and_caption_dispatch(tmp_path):
     assert got["metrics"]["accuracy"] == pytest.approx(vqa_accuracy(["2", "The dog.", ""], humans))
     assert got["metrics"]["accuracy"] == pytest.approx((0.9 + 0.3 + 0.0) / 3)  # a routed answer is a miss
     assert got["routing_accuracy"] == pytest.approx(2 / 3)
+    assert got["metrics"]["accuracy_by_type"] == pytest.approx({"number": 0.45, "other": 0.3})
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"image": names[0], "question": "q?", "answers": ["a"],
+                                                 "question_type": 3}])
+    with pytest.raises(ValueError, match="question_type"):
+        _dataset("vqa", bad)[1][0]
 
     refs = [["a red car", "a car"], ["blue sky"], ["green grass here"]]
     cap = _write_jsonl(tmp_path / "cap.jsonl", [{"image": n, "captions": r} for n, r in zip(names, refs)])

@@ -225,6 +225,17 @@ def _answer(question: str, anns: list[dict], side: int) -> str:
     return "left" if ann["centre"][0] < side / 2 else "right"
 
 
+_QUESTION_TYPES = {  # question pattern -> question_type
+    r"How many shapes are there\?": "count",
+    r"How many (circle|square|triangle)s are there\?": "count_kind",
+    r"How many \w+ shapes are there\?": "count_colour",
+    r"What colour is .*": "colour_of",
+    r"What shape is .*": "kind_of",
+    r"Is the .* on the left or on the right of the image\?": "left_right",
+    r"Is there a \w+ \w+\?": "presence",
+}
+
+
 def test_vqa_answers_agree_with_the_annotations(world, templates):
     instances = _instances(world)
     by_file = {anns[0]["file_name"]: anns for anns in instances.values()}
@@ -233,6 +244,8 @@ def test_vqa_answers_agree_with_the_annotations(world, templates):
     assert len(conversations) == 12 and len(bench) >= 12
     for index, record in enumerate(bench.records):
         assert bench.answers(index) == [_answer(record["question"], by_file[record["image"]], 96)]
+        (kind,) = [t for pattern, t in _QUESTION_TYPES.items() if re.fullmatch(pattern, record["question"])]
+        assert bench.question_type(index) == kind
         assert bench[index].turns[0][1].endswith(f"{record['question']} {VQA_SUFFIX}")
     asked = [turn for i in range(len(conversations)) for turn in conversations[i].turns]
     assert [text for role, text in asked if role == "assistant"] == [r["answers"][0] for r in bench.records]

@@ -41,6 +41,7 @@ __all__ = [
     "FigureScene",
     "GENERATOR_VERSION",
     "KEYPOINTS",
+    "QUESTION_TYPES",
     "SHAPES",
     "SIZES",
     "SKELETON",
@@ -60,7 +61,7 @@ __all__ = [
     "write_dataset",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: vqa_bench.jsonl records carry question_type
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 70),
@@ -72,6 +73,7 @@ SIZES: dict[str, tuple[int, int]] = {"small": (14, 20), "large": (26, 36)}  # ex
 KEYPOINTS = ("head", "neck", "hip", "left_hand", "right_hand", "left_foot", "right_foot")
 SKELETON = ((1, 2), (2, 3), (2, 4), (2, 5), (3, 6), (3, 7))  # 1-based joint pairs, COCO style
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+QUESTION_TYPES = ("count", "count_kind", "count_colour", "colour_of", "kind_of", "left_right", "presence")
 PLAIN = (240, 240, 240)  # background of text-to-image and edit images
 SCENE_RANGE, GEN_RANGE = (64, 128), (32, 128)
 _KINDS = {"scene": 0, "figure": 1, "t2i": 2, "edit": 3}
@@ -271,11 +273,11 @@ def caption(shapes: Sequence[Shape]) -> str:
 
 
 def vqa_questions(shapes: Sequence[Shape], side: int, rng: np.random.Generator,
-                  count: int = 4) -> list[tuple[str, str]]:
+                  count: int = 4) -> list[tuple[str, str, str]]:
     """Questions with single-word answers about counts, colours, shapes, positions and presence.
 
-    Candidates are grouped by type (total count, count of a kind, count of a colour, colour of a shape, kind of a
-    shape, left or right, presence); ``count`` types are drawn and one question of each.
+    Candidates are grouped by type (:data:`QUESTION_TYPES`: total count, count of a kind, count of a colour, colour
+    of a shape, kind of a shape, left or right, presence); ``count`` types are drawn and one question of each.
 
     Args:
         shapes: the scene's shapes.
@@ -283,7 +285,7 @@ def vqa_questions(shapes: Sequence[Shape], side: int, rng: np.random.Generator,
         rng: the generator.
         count: most questions.
     Returns:
-        ``(question, answer)`` pairs.
+        ``(question, answer, question type)`` triples.
     """
     kinds, colours = [s.kind for s in shapes], [s.colour for s in shapes]
     groups: list[list[tuple[str, str]]] = [
@@ -301,9 +303,9 @@ def vqa_questions(shapes: Sequence[Shape], side: int, rng: np.random.Generator,
     presence = groups[-1]
     yes, no = [q for q in presence if q[1] == "yes"], [q for q in presence if q[1] == "no"]
     groups[-1] = yes if rng.random() < 0.5 or not no else no
-    available = [g for g in groups if g]
+    available = [(t, g) for t, g in zip(QUESTION_TYPES, groups) if g]
     chosen = rng.permutation(len(available))[:count]
-    return [available[g][rng.integers(len(available[g]))] for g in chosen]
+    return [(*group[rng.integers(len(group))], kind) for kind, group in (available[g] for g in chosen)]
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -678,11 +680,11 @@ def _write_scenes(root: Path, n: int, seed: int, size: int, tick: Callable[[], N
                              "expressions": expressions, "segmentation": _rle(mask)})
         questions = vqa_questions(scene.shapes, size, rng)
         turns = []
-        for k, (question, answer) in enumerate(questions):
+        for k, (question, answer, kind) in enumerate(questions):
             prefix = f"{IMAGE_TOKEN}\n" if k == 0 else ""
             turns += [{"from": "human", "value": f"{prefix}{question} {VQA_SUFFIX}"}, {"from": "gpt", "value": answer}]
             vqa_bench.append({"question_id": len(vqa_bench) + 1, "image": name, "image_id": image_id,
-                              "question": question, "answers": [answer]})
+                              "question": question, "answers": [answer], "question_type": kind})
         vqa.append({"id": f"scene_{i:05d}_vqa", "image": name, "conversations": turns})
         text = caption(scene.shapes)
         prompt = ("Describe the image.", CAPTION_PROMPT)[rng.integers(2)]

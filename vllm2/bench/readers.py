@@ -1,7 +1,8 @@
 """Benchmark-only readers: VQA questions with human answers and images with reference captions (JSON list or JSONL).
 
-- VQA record: ``{"image": str, "question": str, "answers": [str, ...], "question_id"?: int | str}``; the prompt is
-  ``"<image>\\n{question} Answer the question using a single word or phrase."`` (the official VQA prompt).
+- VQA record: ``{"image": str, "question": str, "answers": [str, ...], "question_id"?: int | str,
+  "question_type"?: str}``; the prompt is ``"<image>\\n{question} Answer the question using a single word or
+  phrase."`` (the official VQA prompt). With ``question_type`` the accuracy is also reported per type.
 - Caption record: ``{"image": str, "captions": [str, ...], "image_id"?: int | str}``; the prompt is
   ``"<image>\\nProvide a one-sentence caption for the provided image."``.
 
@@ -39,10 +40,18 @@ class VqaDataset(RecordFileDataset):
         """The human answers of item ``index``."""
         return _strings(self.record(index), "answers")
 
+    def question_type(self, index: int) -> str | None:
+        """The item's optional ``question_type`` (as in VQAv2 annotations), or None."""
+        value = self.record(index).get("question_type")
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"field 'question_type' must be a string, got {value!r}")
+        return value
+
     def build(self, index: int, rng: np.random.Generator | None) -> TaskSample:
         record = self.record(index)
         question = self.templates.check_text(require(record, "question", str), "question").strip()
         self.answers(index)
+        self.question_type(index)
         turns = [("user", f"{IMAGE_TOKEN}\n{question} {VQA_SUFFIX}")]
         return TaskSample(self.task, turns, [self.load(record.get("image"))], [], {}, self.source(index))
 

@@ -334,7 +334,8 @@ class PoseTask(BenchTask):
 
 
 class VqaTask(BenchTask):
-    """VQA accuracy (official normalisation, leave-one-out over the human answers)."""
+    """VQA accuracy (official normalisation, leave-one-out over the human answers), and per ``question_type`` when
+    the records carry one (``accuracy_by_type``)."""
 
     name = "vqa"
     teacher_forced = False
@@ -344,10 +345,18 @@ class VqaTask(BenchTask):
         return VqaDataset(path, image_root, templates=templates, mode=mode, **common)
 
     def score(self, dataset, index, sample, pred):
-        return {"answer": pred.text if pred is not None else "", "answers": dataset.answers(index)}
+        return {"answer": pred.text if pred is not None else "", "answers": dataset.answers(index),
+                "type": dataset.question_type(index)}
 
     def aggregate(self, dataset, records):
-        return {"accuracy": vqa_accuracy([r["answer"] for r in records], [r["answers"] for r in records])}
+        metrics: dict[str, Any] = {"accuracy": vqa_accuracy([r["answer"] for r in records],
+                                                            [r["answers"] for r in records])}
+        types = sorted({r["type"] for r in records if r["type"] is not None})
+        if types:
+            metrics["accuracy_by_type"] = {
+                t: vqa_accuracy([r["answer"] for r in records if r["type"] == t],
+                                [r["answers"] for r in records if r["type"] == t]) for t in types}
+        return metrics
 
 
 class CaptionTask(BenchTask):

@@ -6,9 +6,9 @@ caption (CIDEr, BLEU-4), gen (CLIP score), edit (CLIP-I, CLIP-T, directional CLI
 
 Data (``--data``): det/seg/pose read a COCO annotation file (instances / person_keypoints); rec/res a referring
 expression file (``{"image", "bbox", "expressions" | "sentences", "segmentation"?}`` records); vqa
-``{"image", "question", "answers"}`` records; caption ``{"image", "captions"}``; gen ``{"image", "caption"}``; edit
-``{"input", "instruction", "output", "input_caption"?, "output_caption"?}``. Images are relative to ``--image-root``
-(default: the annotation file's folder).
+``{"image", "question", "answers", "question_type"?}`` records (accuracy per type when given); caption
+``{"image", "captions"}``; gen ``{"image", "caption"}``; edit ``{"input", "instruction", "output", "input_caption"?,
+"output_caption"?}``. Images are relative to ``--image-root`` (default: the annotation file's folder).
 
 Modes: ``routed`` (default) asks the question only and lets the model choose its routes (a wrong or missing route is a
 miss; the routing accuracy is reported); ``teacher-forced`` feeds the gold answer with its routes in one forward pass
