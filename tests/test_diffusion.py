@@ -144,6 +144,8 @@ def test_bad_config_and_inputs_raise_clear_errors() -> None:
         IP2PConfig(text_drop_prob=0.5, image_drop_prob=0.4, both_drop_prob=0.2)
     with pytest.raises(ValueError, match="null_prompt"):
         tiny_sd_config(null_prompt="zeros")
+    with pytest.raises(ValueError, match="IP2PConfig.noise_samples"):
+        tiny_ip2p_config(noise_samples=0)
     sd = StableDiffusionDecoder(tiny_sd_config(), LLM)
     with pytest.raises(ValueError, match="num_queries"):
         sd(torch.randn(1, 1, K - 1, LLM), torch.ones(1, 1, dtype=torch.bool), {})
@@ -288,6 +290,33 @@ def test_decoder_drops_conditions_at_the_configured_rate(name: str, monkeypatch)
         decoder.eval()
         decoder(queries[:, :50], mask[:, :50], inputs)
         assert not (seen["prompts"] == 7.0).all(dim=(1, 2)).any()
+
+
+def test_noise_samples_denoise_each_group_several_times(monkeypatch) -> None:
+    """With ``noise_samples=3`` every group's target, prompt and input image enter the diffusion loss three times,
+    consecutively; the alignment loss still sees each group once."""
+    config = tiny_ip2p_config(noise_samples=3, text_drop_prob=0.0, image_drop_prob=0.0, both_drop_prob=0.0,
+                              vae_type="pixel", vae_latent_channels=3, vae_scaling_factor=1.0)  # exact latents
+    decoder = InstructPix2PixDecoder(config, LLM)
+    seen = {}
+
+    def capture(latents, prompts, image_latents=None, generator=None):
+        seen.update(latents=latents, prompts=prompts, image_latents=image_latents)
+        return prompts.sum() * 0.0
+
+    monkeypatch.setattr(decoder, "denoising_loss", capture)
+    queries, mask = torch.randn(2, 2, K, LLM), torch.tensor([[True, True], [False, True]])
+    images, targets = [blob_image(32, 32, 1), blob_image(32, 32, 2)], [blob_image(32, 32, 3), blob_image(32, 32, 4)]
+    inputs = decoder.prepare(images, [{"image": t} for t in targets])
+    with torch.no_grad():
+        decoder(queries, mask, inputs)
+        prompts, sample_index = decoder.group_prompts(queries, mask)  # [3, T, C], [3]
+        latents = decoder.encode_latents(inputs["target_pixels"], sample=True)  # [2, c, h, w]
+        image_latents = decoder.encode_latents(inputs["input_pixels"], sample=False)  # [2, c, h, w]
+    assert sample_index.tolist() == [0, 0, 1] and seen["latents"].shape[0] == 9
+    torch.testing.assert_close(seen["prompts"], prompts.repeat_interleave(3, 0))
+    torch.testing.assert_close(seen["latents"], latents[[0] * 6 + [1] * 3])
+    torch.testing.assert_close(seen["image_latents"], image_latents[[0] * 6 + [1] * 3])
 
 
 # ----------------------------------------------------------------------------------------------- inference

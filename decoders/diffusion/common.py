@@ -290,7 +290,8 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
         inputs: dict[str, Any],
         route_ids: torch.Tensor | None = None,
     ) -> DecoderOutput:
-        """Training losses for every valid group (each group denoises towards its sample's target image).
+        """Training losses for every valid group (each group denoises towards its sample's target image, with
+        ``noise_samples`` draws of timestep, noise and conditioning dropout).
 
         Args:
             queries: ``[B, G, K, C_llm]`` query states.
@@ -309,8 +310,11 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
             zero = self.zero_loss(queries)
             return DecoderOutput(loss=zero, loss_dict={"loss_diffusion": zero}, preds=prompts)
         generator = inputs.get("generator")
-        latents = self.encode_latents(inputs["target_pixels"], sample=True, generator=generator)[sample_index]
-        condition, image_latents = self.conditioning(prompts, inputs, sample_index, generator)  # [N, T, C]
+        draws = self.config.noise_samples
+        draw_index = sample_index.repeat_interleave(draws)  # [N * draws]
+        latents = self.encode_latents(inputs["target_pixels"], sample=True, generator=generator)[draw_index]
+        condition, image_latents = self.conditioning(prompts.repeat_interleave(draws, 0), inputs, draw_index,
+                                                     generator)  # [N * draws, T, C]
         losses = {"loss_diffusion": self.denoising_loss(latents, condition, image_latents, generator)}
         captions = inputs.get("captions") or [None] * queries.shape[0]
         align = self.alignment_loss(prompts, [captions[i] for i in sample_index.tolist()])

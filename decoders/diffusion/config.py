@@ -56,6 +56,8 @@ class DiffusionConfig:
     Training:
         train_unet: whether the UNet is trained (a frozen UNet still passes gradients to the prompt embeddings).
         align_loss_weight: weight of MSE(mapper output, CLIP text embedding of the caption); 0 disables it.
+        noise_samples: draws of timestep and noise per training image, averaged in the diffusion loss: more draws
+            lower the variance of the UNet's gradient (few images per step in a task mixture) for UNet compute only.
         null_prompt: the unconditional prompt for conditioning dropout and guidance: ``"empty"`` (the text
             encoder's embedding of ``""``, needs the tokenizer) or ``"learned"`` (a parameter ``null_prompt_embeds``).
         gradient_checkpointing: enable UNet gradient checkpointing.
@@ -112,6 +114,7 @@ class DiffusionConfig:
 
     train_unet: bool = False
     align_loss_weight: float = 0.1
+    noise_samples: int = 1
     null_prompt: str = "empty"
     gradient_checkpointing: bool = False
 
@@ -155,7 +158,7 @@ class DiffusionConfig:
             self._fail("null_prompt", "'empty' needs use_text_encoder=True; use 'learned' without a text encoder")
         if self.align_loss_weight < 0:
             self._fail("align_loss_weight", f"must be >= 0, got {self.align_loss_weight}")
-        for name in ("num_queries", "num_prompt_tokens", "num_inference_steps"):
+        for name in ("num_queries", "num_prompt_tokens", "num_inference_steps", "noise_samples"):
             if getattr(self, name) <= 0:
                 self._fail(name, f"must be positive, got {getattr(self, name)}")
 
