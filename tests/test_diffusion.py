@@ -294,7 +294,7 @@ def test_decoder_drops_conditions_at_the_configured_rate(name: str, monkeypatch)
 
 def test_noise_samples_denoise_each_group_several_times(monkeypatch) -> None:
     """With ``noise_samples=3`` every group's target, prompt and input image enter the diffusion loss three times,
-    consecutively; the alignment loss still sees each group once."""
+    consecutively."""
     config = tiny_ip2p_config(noise_samples=3, text_drop_prob=0.0, image_drop_prob=0.0, both_drop_prob=0.0,
                               vae_type="pixel", vae_latent_channels=3, vae_scaling_factor=1.0)  # exact latents
     decoder = InstructPix2PixDecoder(config, LLM)

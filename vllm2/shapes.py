@@ -303,9 +303,9 @@ def vqa_questions(shapes: Sequence[Shape], side: int, rng: np.random.Generator,
     presence = groups[-1]
     yes, no = [q for q in presence if q[1] == "yes"], [q for q in presence if q[1] == "no"]
     groups[-1] = yes if rng.random() < 0.5 or not no else no
-    available = [(t, g) for t, g in zip(QUESTION_TYPES, groups) if g]
+    available = [(qtype, group) for qtype, group in zip(QUESTION_TYPES, groups, strict=True) if group]
     chosen = rng.permutation(len(available))[:count]
-    return [(*group[rng.integers(len(group))], kind) for kind, group in (available[g] for g in chosen)]
+    return [(*group[rng.integers(len(group))], qtype) for qtype, group in (available[g] for g in chosen)]
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -680,11 +680,11 @@ def _write_scenes(root: Path, n: int, seed: int, size: int, tick: Callable[[], N
                              "expressions": expressions, "segmentation": _rle(mask)})
         questions = vqa_questions(scene.shapes, size, rng)
         turns = []
-        for k, (question, answer, kind) in enumerate(questions):
+        for k, (question, answer, qtype) in enumerate(questions):
             prefix = f"{IMAGE_TOKEN}\n" if k == 0 else ""
             turns += [{"from": "human", "value": f"{prefix}{question} {VQA_SUFFIX}"}, {"from": "gpt", "value": answer}]
             vqa_bench.append({"question_id": len(vqa_bench) + 1, "image": name, "image_id": image_id,
-                              "question": question, "answers": [answer], "question_type": kind})
+                              "question": question, "answers": [answer], "question_type": qtype})
         vqa.append({"id": f"scene_{i:05d}_vqa", "image": name, "conversations": turns})
         text = caption(scene.shapes)
         prompt = ("Describe the image.", CAPTION_PROMPT)[rng.integers(2)]

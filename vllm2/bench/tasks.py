@@ -349,13 +349,16 @@ class VqaTask(BenchTask):
                 "type": dataset.question_type(index)}
 
     def aggregate(self, dataset, records):
-        metrics: dict[str, Any] = {"accuracy": vqa_accuracy([r["answer"] for r in records],
-                                                            [r["answers"] for r in records])}
-        types = sorted({r["type"] for r in records if r["type"] is not None})
-        if types:
-            metrics["accuracy_by_type"] = {
-                t: vqa_accuracy([r["answer"] for r in records if r["type"] == t],
-                                [r["answers"] for r in records if r["type"] == t]) for t in types}
+        def accuracy(rows: list[dict]) -> float:
+            return vqa_accuracy([r["answer"] for r in rows], [r["answers"] for r in rows])
+
+        metrics: dict[str, Any] = {"accuracy": accuracy(records)}
+        by_type: dict[str, list[dict]] = {}
+        for record in records:
+            if record["type"] is not None:
+                by_type.setdefault(record["type"], []).append(record)
+        if by_type:
+            metrics["accuracy_by_type"] = {t: accuracy(rows) for t, rows in sorted(by_type.items())}
         return metrics
 
 
