@@ -71,3 +71,54 @@ def test_bad_bridge_and_missing_paths_are_named(tmp_path):
     model = build_model(load_config("tiny", [f"vision.pretrained={tmp_path / 'clip'}"]))
     with pytest.raises(FileNotFoundError, match="vision.pretrained"):
         model.load_pretrained_components()
+
+
+def _resnet_cfg(*extra: str):
+    return load_config("tiny", ["vision.backend=open_clip", "vision.open_clip_model=vllm2-tiny-rn",
+                                "vision.image_size=64", "vision.patch_size=16", "vision.hidden_size=256",
+                                "vision.output_layer=-1", "vision.freeze=false", "region.enabled=false", *extra])
+
+
+def test_open_clip_resnet_tower_reads_the_stride_16_stage_and_loads_a_checkpoint(tmp_path):
+    import open_clip
+
+    from vllm2.vision import OPEN_CLIP_CONFIG_DIR
+
+    open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
+    torch.manual_seed(0)
+    clip = open_clip.create_model("vllm2-tiny-rn", force_image_size=64)
+    torch.save({"state_dict": clip.state_dict()}, tmp_path / "rn.pt")
+    model = build_model(_resnet_cfg(f"vision.pretrained={tmp_path / 'rn.pt'}"))
+    model.load_pretrained_components()
+    tower = model.vis_encoder
+    assert torch.equal(tower.visual.layer3[0].conv1.weight, clip.visual.layer3[0].conv1.weight)
+    assert not any(".layer4." in n or ".attnpool." in n for n, _ in model.named_parameters())
+    pixels = torch.randn(2, 3, 64, 64)
+    features, levels = tower(pixels)
+    assert features.shape == (2, 16, 256) and levels is None  # 4x4 cells of layer3 (stride 16, 4 x 4 x 16 channels)
+    with torch.no_grad():
+        fmap = clip.visual.layer3(clip.visual.layer2(clip.visual.layer1(clip.visual.stem(pixels))))  # [2, 256, 4, 4]
+    torch.testing.assert_close(features, fmap.flatten(2).transpose(1, 2))
+    (features * torch.randn_like(features)).sum().backward()  # a plain sum is constant under batch norm
+    assert tower.visual.layer3[0].bn3.weight.grad.abs().sum() > 0  # open_clip zero-inits bn3: conv1 gets none yet
+
+
+def test_open_clip_resnet_tower_rejects_a_stride_or_width_it_lacks():
+    with pytest.raises(ValueError, match="vision.patch_size"):
+        build_model(_resnet_cfg("vision.patch_size=12", "vision.image_size=96"))
+    with pytest.raises(ValueError, match="vision.hidden_size"):
+        build_model(_resnet_cfg("vision.hidden_size=128"))
+    with pytest.raises(ValueError, match="region.num_levels"):
+        build_model(_resnet_cfg("region.enabled=true"))
+
+
+def test_a_frozen_resnet_tower_keeps_its_batch_norm_statistics():
+    model = build_model(_resnet_cfg("vision.freeze=true")).train()
+    bn = model.vis_encoder.visual.layer1[0].bn1
+    before = bn.running_mean.clone()
+    model.vis_encoder(torch.randn(2, 3, 64, 64))
+    assert not bn.training and torch.equal(bn.running_mean, before)
+    model.vis_encoder.set_frozen(False)
+    model.train()
+    model.vis_encoder(torch.randn(2, 3, 64, 64))
+    assert bn.training and not torch.equal(bn.running_mean, before)

@@ -1,7 +1,8 @@
-"""Vision towers: transformers ``CLIPVisionModel`` (default, official key layout) or an ``open_clip`` ViT.
+"""Vision towers: transformers ``CLIPVisionModel`` (default, official key layout) or an ``open_clip`` tower (a ViT,
+or a CLIP ResNet read at the stage whose stride is ``patch_size``).
 
-Both return, for a batch of tiles, the patch features of ``output_layer`` (CLS dropped) for the LLM and the patch
-features of the last ``num_levels`` layers for the region encoder, from ONE forward over every tile of the batch.
+Every tower returns, for a batch of tiles, the patch features of ``output_layer`` (CLS dropped) for the LLM and the
+patch features of the last ``num_levels`` layers for the region encoder, from ONE forward over every tile of the batch.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ logger = logging.getLogger(__name__)
 OPEN_CLIP_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "open_clip"
 
 
+# CLIP ResNet: stride of each block open_clip's forward_intermediates can return (stem, layer1..layer4)
+RESNET_STRIDES = (4, 4, 8, 16, 32)
+
+
 class VisionTower(nn.Module):
-    """A frozen-or-trainable ViT over ``[N, 3, S, S]`` tiles.
+    """A frozen-or-trainable vision tower over ``[N, 3, S, S]`` tiles.
 
     Args:
         cfg: the vision config.
@@ -33,6 +38,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_levels = num_levels
+        self.resnet_stage: int | None = None  # the block a CLIP ResNet tower is read at
         if cfg.backend == "hf":
             self.vision_model = CLIPVisionModel(
                 CLIPVisionConfig(
@@ -45,7 +51,11 @@ class VisionTower(nn.Module):
                 )
             )
         elif cfg.backend == "open_clip":
-            self.visual = _open_clip_visual(cfg, pretrained=None)
+            self.visual, self.resnet_stage = _open_clip_visual(cfg, pretrained=None)
+            if self.resnet_stage is not None and (num_levels > 1 or cfg.output_layer not in (0, -1)):
+                raise ValueError("a ResNet vision tower has one feature level (the stage at stride vision.patch_size): "
+                                 f"vision.output_layer must be -1 (got {cfg.output_layer}) and region.num_levels "
+                                 f"at most 1 (got {num_levels})")
         else:
             raise ValueError(f"config key vision.backend: unknown backend {cfg.backend!r} (use 'hf' or 'open_clip')")
         self.set_frozen(cfg.freeze)
@@ -59,6 +69,13 @@ class VisionTower(nn.Module):
         self.frozen = frozen
         for p in self.parameters():
             p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> VisionTower:
+        """A frozen tower stays in eval mode: its batch-norm statistics and dropout do not change."""
+        super().train(mode and not self.frozen)
+        self.training = mode
+        return self
 
     def load_pretrained(self, path: str, config_key: str = "vision.pretrained") -> None:
         """Load weights from a local CLIP folder (hf) or an open_clip checkpoint file."""
@@ -68,7 +85,7 @@ class VisionTower(nn.Module):
             model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
             self.vision_model.load_state_dict(model.state_dict())
         else:
-            self.visual.load_state_dict(_open_clip_visual(self.cfg, pretrained=path).state_dict())
+            self.visual.load_state_dict(_open_clip_visual(self.cfg, pretrained=path)[0].state_dict())
         logger.info("loaded vision tower from %s", path)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -81,26 +98,57 @@ class VisionTower(nn.Module):
             layers, for the region encoder) or None when ``num_levels == 0``.
         """
         with torch.no_grad() if self.frozen else nullcontext():
-            hidden = self._hidden_states(pixel_values)  # tuple of [N, 1+T, C]
-            features = hidden[self.cfg.output_layer][:, 1:]  # [N, T, C]
-            levels = torch.stack([h[:, 1:] for h in hidden[-self.num_levels:]], 1) if self.num_levels else None
+            hidden = self._hidden_states(pixel_values)  # tuple of [N, T, C]
+            features = hidden[self.cfg.output_layer]
+            levels = torch.stack(hidden[-self.num_levels:], 1) if self.num_levels else None
         return features, levels
 
     def _hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The patch tokens ``[N, T, C]`` of every layer the tower exposes, CLS dropped."""
         if self.cfg.backend == "hf":
-            return self.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-        out = self.visual.forward_intermediates(pixel_values, intermediates_only=True, output_fmt="NLC",
-                                                output_extra_tokens=True)
-        layers = [torch.cat([cls, x], 1) for cls, x in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
-        return tuple(layers)
+            hidden = self.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+            return tuple(h[:, 1:] for h in hidden)
+        if self.resnet_stage is not None:
+            (fmap,) = self.visual.forward_intermediates(pixel_values, indices=[self.resnet_stage], stop_early=True,
+                                                       intermediates_only=True)["image_intermediates"]  # [N, C, h, w]
+            return (fmap.flatten(2).transpose(1, 2),)
+        return tuple(self.visual.forward_intermediates(pixel_values, intermediates_only=True,
+                                                       output_fmt="NLC")["image_intermediates"])
 
 
-def _open_clip_visual(cfg: VisionConfig, pretrained: str | None) -> nn.Module:
+def _open_clip_visual(cfg: VisionConfig, pretrained: str | None) -> tuple[nn.Module, int | None]:
+    """The open_clip model's image tower, and for a CLIP ResNet the block read at stride ``patch_size`` (trimmed
+    after it); None for a ViT."""
     import open_clip
+    from open_clip.modified_resnet import ModifiedResNet
 
     if OPEN_CLIP_CONFIG_DIR.is_dir():
         open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
     if cfg.open_clip_model not in open_clip.list_models():
         raise ValueError(f"config key vision.open_clip_model: unknown open_clip model {cfg.open_clip_model!r}")
-    model = open_clip.create_model(cfg.open_clip_model, pretrained=pretrained, force_image_size=cfg.image_size)
-    return model.visual
+    visual = open_clip.create_model(cfg.open_clip_model, pretrained=pretrained, force_image_size=cfg.image_size).visual
+    if not isinstance(visual, ModifiedResNet):
+        return visual, None
+    stage = _resnet_stage(cfg.patch_size)
+    _trim_resnet(visual, stage, cfg)
+    return visual, stage
+
+
+def _resnet_stage(patch_size: int) -> int:
+    """The last block of a CLIP ResNet whose output stride is ``patch_size`` (1-4: layer1-layer4)."""
+    if patch_size not in RESNET_STRIDES:
+        raise ValueError(f"config key vision.patch_size: a ResNet tower has strides {sorted(set(RESNET_STRIDES))}, "
+                         f"got {patch_size}")
+    return max(i for i, s in enumerate(RESNET_STRIDES) if s == patch_size)
+
+
+def _trim_resnet(visual: nn.Module, stage: int, cfg: VisionConfig) -> None:
+    """Drop the attention pool and the stages after ``stage`` (their weights would never train), and check the
+    stage's width against ``vision.hidden_size``."""
+    visual.attnpool = nn.Identity()
+    for k in range(stage + 1, 5):
+        setattr(visual, f"layer{k}", nn.Identity())
+    width = getattr(visual, f"layer{stage}")[-1].conv3.out_channels
+    if width != cfg.hidden_size:
+        raise ValueError(f"config key vision.hidden_size: {cfg.hidden_size}, but the ResNet stage at stride "
+                         f"{cfg.patch_size} of {cfg.open_clip_model!r} has {width} channels")
