@@ -120,6 +120,10 @@ class VisionLLMv2Processor:
             return [image.resize((size, size), Image.BICUBIC)]
         raise ValueError(f"config key vision.image_mode: unknown mode {self.vision.image_mode!r}")
 
+    def pixel_values(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        """The normalised tiles of ``images``, image after image: ``[N_tiles, 3, S, S]``."""
+        return self._normalise([tile for image in images for tile in self.tiles(self._load(image))])
+
     def _normalise(self, tiles: list[Image.Image]) -> torch.Tensor:
         arr = np.stack([np.asarray(t, dtype=np.float32) for t in tiles]) / 255.0  # [N, S, S, 3]
         return (torch.from_numpy(arr).permute(0, 3, 1, 2) - self._mean) / self._std  # [N, 3, S, S]

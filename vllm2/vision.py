@@ -32,9 +32,11 @@ class VisionTower(nn.Module):
     Args:
         cfg: the vision config.
         num_levels: how many final layers the region encoder reads (0 = none).
+        visual: an open_clip image tower to wrap (default: a new one built from ``cfg``); a CLIP ResNet is trimmed
+            in place.
     """
 
-    def __init__(self, cfg: VisionConfig, num_levels: int = 3) -> None:
+    def __init__(self, cfg: VisionConfig, num_levels: int = 3, visual: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_levels = num_levels
@@ -51,7 +53,7 @@ class VisionTower(nn.Module):
                 )
             )
         elif cfg.backend == "open_clip":
-            self.visual, self.resnet_stage = _open_clip_visual(cfg, pretrained=None)
+            self.visual, self.resnet_stage = _open_clip_tower(visual or create_open_clip(cfg).visual, cfg)
             if self.resnet_stage is not None and (num_levels > 1 or cfg.output_layer not in (0, -1)):
                 raise ValueError("a ResNet vision tower has one feature level (the stage at stride vision.patch_size): "
                                  f"vision.output_layer must be -1 (got {cfg.output_layer}) and region.num_levels "
@@ -85,7 +87,8 @@ class VisionTower(nn.Module):
             model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
             self.vision_model.load_state_dict(model.state_dict())
         else:
-            self.visual.load_state_dict(_open_clip_visual(self.cfg, pretrained=path)[0].state_dict())
+            visual, _ = _open_clip_tower(create_open_clip(self.cfg, path).visual, self.cfg)
+            self.visual.load_state_dict(visual.state_dict())
         logger.info("loaded vision tower from %s", path)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -116,17 +119,23 @@ class VisionTower(nn.Module):
                                                        output_fmt="NLC")["image_intermediates"])
 
 
-def _open_clip_visual(cfg: VisionConfig, pretrained: str | None) -> tuple[nn.Module, int | None]:
-    """The open_clip model's image tower, and for a CLIP ResNet the block read at stride ``patch_size`` (trimmed
-    after it); None for a ViT."""
+def create_open_clip(cfg: VisionConfig, pretrained: str | None = None) -> nn.Module:
+    """The whole open_clip model ``vision.open_clip_model`` (the configs of ``configs/open_clip`` registered), with
+    the checkpoint file ``pretrained`` loaded strictly by open_clip when given."""
     import open_clip
-    from open_clip.modified_resnet import ModifiedResNet
 
     if OPEN_CLIP_CONFIG_DIR.is_dir():
         open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
     if cfg.open_clip_model not in open_clip.list_models():
         raise ValueError(f"config key vision.open_clip_model: unknown open_clip model {cfg.open_clip_model!r}")
-    visual = open_clip.create_model(cfg.open_clip_model, pretrained=pretrained, force_image_size=cfg.image_size).visual
+    return open_clip.create_model(cfg.open_clip_model, pretrained=pretrained, force_image_size=cfg.image_size)
+
+
+def _open_clip_tower(visual: nn.Module, cfg: VisionConfig) -> tuple[nn.Module, int | None]:
+    """An open_clip image tower as the LLM reads it, and for a CLIP ResNet the block read at stride ``patch_size``
+    (the tower trimmed after it); None for a ViT."""
+    from open_clip.modified_resnet import ModifiedResNet
+
     if not isinstance(visual, ModifiedResNet):
         return visual, None
     stage = _resnet_stage(cfg.patch_size)
