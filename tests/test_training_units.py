@@ -83,3 +83,37 @@ def test_stage_recipes_load_and_freeze_what_they_say():
     assert set(stage2.decoders) == {"gdino", "keypoint", "sd", "ip2p"} and stage2.training.lr_multipliers["llm"] == 0.1
     stage3 = load_config(stages / "stage3.yaml")
     assert "llm" in stage3.training.freeze and stage3.data == stage2.data
+
+
+def test_init_from_a_stage_without_decoders_keeps_the_new_decoders_and_takes_the_rest(tmp_path):
+    import torch
+
+    from vllm2 import build_model, load_config
+    from vllm2.training import init_from_export
+
+    no_decoders = ["decoders.gdino=null", "decoders.keypoint=null", "decoders.sd=null", "decoders.ip2p=null"]
+    torch.manual_seed(0)
+    build_model(load_config("tiny", no_decoders)).save_pretrained(tmp_path / "stage1")
+    torch.manual_seed(1)
+    model = build_model(load_config("tiny"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    added = init_from_export(model, tmp_path / "stage1")
+    assert added == ["gdino", "ip2p", "keypoint", "sd"]
+    torch.manual_seed(0)
+    stage1 = build_model(load_config("tiny", no_decoders))  # the same weights as the export
+    state = model.state_dict()
+    for name, value in stage1.state_dict().items():
+        assert torch.equal(state[name], value), name
+    assert all(torch.equal(state[k], before[k]) for k in before if k.split(".")[0] in added)
+    assert not torch.equal(state["vl_bridge.0.weight"], before["vl_bridge.0.weight"])
+
+
+def test_init_from_refuses_another_architecture_and_a_missing_folder(tmp_path):
+    from vllm2 import build_model, load_config
+    from vllm2.training import init_from_export
+
+    build_model(load_config("tiny", ["llm.hidden_size=32"])).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="training.init_from.*other"):
+        init_from_export(build_model(load_config("tiny")), tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="training.init_from.*nowhere"):
+        init_from_export(build_model(load_config("tiny")), tmp_path / "nowhere")

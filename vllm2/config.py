@@ -122,6 +122,7 @@ class TrainingConfig:
     """Optimisation, freezing and loss weighting."""
 
     output_dir: str = "runs/default"
+    init_from: str | None = None  # a previous stage's export folder: initialises every module it has
     seed: int = 0
     learning_rate: float = 1e-4
     weight_decay: float = 0.0

@@ -25,7 +25,8 @@ from .config import VLLM2Config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TaskAlignedBatchSampler", "VLLM2Trainer", "apply_freeze", "param_groups", "path_matches", "train"]
+__all__ = ["TaskAlignedBatchSampler", "VLLM2Trainer", "apply_freeze", "init_from_export", "param_groups",
+           "path_matches", "train"]
 
 
 def path_matches(name: str, prefix: str) -> bool:
@@ -46,6 +47,32 @@ def apply_freeze(model: nn.Module, prefixes: Sequence[str]) -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def init_from_export(model: nn.Module, folder: str | Path) -> list[str]:
+    """Initialise ``model`` from a previous stage's export (a ``save_pretrained`` folder, read by ``from_pretrained``).
+
+    Every tensor of the export must exist in ``model`` with the same shape; tensors it lacks (the modules this stage
+    adds, such as decoders after a stage without them) keep their values.
+
+    Returns:
+        The top-level modules of ``model`` the export did not have.
+    """
+    from .modeling import VisionLLMv2Model
+
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"config key training.init_from: {str(folder)!r} is not a model folder "
+                                "(no config.json)")
+    previous = VisionLLMv2Model.from_pretrained(folder).state_dict()
+    own = model.state_dict()
+    alien = [k for k, v in previous.items() if k not in own or own[k].shape != v.shape]
+    if alien:
+        raise ValueError(f"config key training.init_from: {len(alien)} tensors of {str(folder)!r} have no place of "
+                         f"that shape in this model, e.g. {alien[:5]}")
+    model.load_state_dict(previous, strict=False)
+    added = sorted({k.split(".")[0] for k in own if k not in previous})
+    logger.info("initialised from %s; modules it did not have: %s", folder, added)
+    return added
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, multipliers: dict[str, float]) -> list[dict]:
@@ -304,6 +331,8 @@ def train(cfg: VLLM2Config, resume: bool | str | None = None) -> VLLM2Trainer:
     # the whole, already built model when the engine starts (the LLM alone is not built inside zero.Init).
     model = build_model(cfg)
     model.load_pretrained_components()
+    if t.init_from:
+        init_from_export(model, t.init_from)
     if t.freeze:
         logger.info("froze %d parameter tensors under %s", apply_freeze(model, t.freeze), t.freeze)
     args = training_arguments(cfg)
