@@ -1,5 +1,5 @@
-"""Benchmark metrics: COCO AP equals pycocotools called directly; hand-computed VQA / CIDEr / BLEU / REC / RES / PCK;
-CLIP metrics equal a direct computation on a tiny open_clip model."""
+"""Benchmark metrics: COCO AP equals pycocotools called directly; hand-computed VQA / CIDEr / BLEU / REC / RES / PCK /
+semantic segmentation (mIoU, pixel accuracy); CLIP metrics equal a direct computation on a tiny open_clip model."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from vllm2.bench import (
     vqa_score,
 )
 from vllm2.bench.metrics_coco import COCO_KEYPOINT_NAMES, COCO_KEYPOINT_SIGMAS, UNIFORM_KEYPOINT_SIGMA
+from vllm2.bench.metrics_semseg import label_map_from_masks, semseg_counts, semseg_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 H, W = 48, 64
@@ -228,6 +229,64 @@ def test_res_iou_by_hand():
     assert got["mIoU"] == pytest.approx((4 / 12 + 1 + 0) / 3)
     with pytest.raises(ValueError, match="expression 0"):
         res_iou([np.zeros((2, 2))], [gt1])
+
+
+# ------------------------------------------------------------------------------------------------ semantic seg
+
+SEMSEG_NAMES = ["background", "a", "b", "c"]  # "c" is in neither the ground truth nor the prediction
+SEMSEG_GT = [np.array([[0, 0, 1], [1, 255, 2]]), np.array([[2, 2], [0, 0]])]
+SEMSEG_PRED = [np.array([[0, 1, 1], [1, 2, 2]]), np.array([[2, 0], [0, 1]])]
+
+
+def test_semseg_counts_by_hand():
+    inter, pred, label = semseg_counts(SEMSEG_PRED[0], SEMSEG_GT[0], 4)
+    # the pixel labelled 255 (predicted 2) counts nowhere
+    assert inter.tolist() == [1, 2, 1, 0] and pred.tolist() == [1, 3, 1, 0] and label.tolist() == [2, 2, 1, 0]
+    inter, pred, label = semseg_counts(SEMSEG_PRED[1], SEMSEG_GT[1], 4)
+    assert inter.tolist() == [1, 0, 1, 0] and pred.tolist() == [2, 1, 1, 0] and label.tolist() == [2, 0, 2, 0]
+    with pytest.raises(ValueError, match="predicted class 7"):
+        semseg_counts(np.full((2, 2), 7), np.zeros((2, 2)), 4)
+    with pytest.raises(ValueError, match="label value 5"):
+        semseg_counts(np.zeros((2, 2)), np.full((2, 2), 5), 4)
+    with pytest.raises(ValueError, match=r"\(2, 3\) but the ground truth is \(2, 2\)"):
+        semseg_counts(np.zeros((2, 3)), np.zeros((2, 2)), 4)
+
+
+def test_semseg_miou_and_pixel_accuracy_by_hand():
+    counts = [semseg_counts(p, g, 4) for p, g in zip(SEMSEG_PRED, SEMSEG_GT)]
+    got = semseg_metrics(*zip(*counts), SEMSEG_NAMES)
+    # dataset totals: inter [2, 2, 2, 0], predicted [3, 4, 2, 0], labelled [4, 2, 3, 0] -> union [5, 4, 3, 0]
+    assert got["IoU"] == pytest.approx({"background": 2 / 5, "a": 2 / 4, "b": 2 / 3, "c": None})
+    assert got["mIoU"] == pytest.approx((2 / 5 + 2 / 4 + 2 / 3) / 3)  # "c" (empty union) is left out
+    assert got["aAcc"] == pytest.approx(6 / 9)
+    assert got["Acc"] == pytest.approx({"background": 2 / 4, "a": 2 / 2, "b": 2 / 3, "c": None})
+    assert got["mAcc"] == pytest.approx((2 / 4 + 1 + 2 / 3) / 3)
+    assert got["scored_classes"] == 3
+    empty = semseg_metrics([], [], [], SEMSEG_NAMES)
+    assert (empty["mIoU"], empty["aAcc"], empty["IoU"]["a"]) == (0.0, 0.0, None)
+
+
+def test_semseg_reduce_zero_label_by_hand():
+    """ADE20K's protocol: pixels labelled 0 are ignored and class 0 is out of the metrics."""
+    counts = [semseg_counts(p, g, 4, reduce_zero_label=True) for p, g in zip(SEMSEG_PRED, SEMSEG_GT)]
+    assert all(c[0] == 0 for row in counts for c in row)
+    got = semseg_metrics(*([c[1:] for c in column] for column in zip(*counts)), SEMSEG_NAMES[1:])
+    # scored pixels: a->a twice, b->b twice, b->0 once
+    assert got["IoU"] == pytest.approx({"a": 1.0, "b": 2 / 3, "c": None})
+    assert got["mIoU"] == pytest.approx((1 + 2 / 3) / 2)
+    assert got["aAcc"] == pytest.approx(4 / 5)
+
+
+def test_label_map_from_masks_by_hand():
+    masks = np.zeros((3, 2, 3), dtype=bool)
+    masks[0, :, :2] = True  # class 2, score 0.3
+    masks[1, 0, 1:] = True  # class 1, score 0.8: wins where it overlaps mask 0
+    masks[2] = True  # unknown class: left out
+    got = label_map_from_masks(torch.from_numpy(masks), torch.tensor([0.3, 0.8, 0.9]), [2, 1, None], (2, 3))
+    assert got.tolist() == [[2, 1, 1], [2, 2, 0]]
+    assert label_map_from_masks(np.zeros((0, 2, 3), bool), [], [], (2, 3)).tolist() == [[0, 0, 0], [0, 0, 0]]
+    with pytest.raises(ValueError, match=r"are \(2, 3\) but the image is \(4, 4\)"):
+        label_map_from_masks(masks, [0.1, 0.2, 0.3], [1, 1, 1], (4, 4))
 
 
 def test_pck_by_hand():

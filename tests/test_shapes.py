@@ -85,7 +85,9 @@ def test_same_seed_same_files_and_items_do_not_depend_on_n(tmp_path):
     for name, n, seed in (("a", 3, 5), ("b", 3, 5), ("c", 4, 5), ("d", 3, 6)):
         shapes.write_dataset(tmp_path / name, n=n, seed=seed, size=64, gen_size=32)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 3 * 5 + 11  # scene, figure, t2i and two edit images per item; 11 annotation files
+    # per item: scene, figure, t2i and two edit images, the semseg copy of the scene and its label map; 11 annotation
+    # files and semseg/classes.txt
+    assert len(files) == 3 * 7 + 12
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     images = [f for f in files if f.suffix == ".png"]
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes() for f in images)
@@ -125,6 +127,28 @@ def test_instances_load_and_masks_have_the_shapes_colour(world, templates):
         for box, mask in zip(target["boxes"], target["masks"]):
             ys, xs = np.nonzero(mask)
             assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_semseg_label_maps_are_the_instance_masks_by_category(world, templates):
+    """semseg/: each label map is the union of the scene's instance masks, each painted with its COCO category id
+    (0 elsewhere); the image is the scene image; the bench reader loads it with the shapes as its classes."""
+    from vllm2.bench.readers import SemsegDataset
+
+    assert (world / "semseg" / "classes.txt").read_text().splitlines() == ["background", *shapes.SHAPES]
+    instances = _instances(world)
+    for image_id, anns in instances.items():
+        name = Path(anns[0]["file_name"]).name
+        label = np.asarray(Image.open(world / "semseg" / "annotations" / name))
+        assert label.dtype == np.uint8 and label.shape == anns[0]["mask"].shape
+        expected = np.zeros(label.shape, dtype=np.uint8)
+        for ann in anns:
+            assert not expected[ann["mask"]].any()  # shapes never overlap
+            expected[ann["mask"]] = ann["category_id"]
+        assert (label == expected).all()
+        assert (world / "semseg" / "images" / name).read_bytes() == (world / anns[0]["file_name"]).read_bytes()
+    ds = SemsegDataset(world / "semseg", templates=templates, mode="teacher_forced")
+    assert len(ds) == len(instances) and ds.classes == ["background", "circle", "square", "triangle"]
+    assert "circle, square, triangle" in ds[0].turns[0][1]
 
 
 # ------------------------------------------------------------------------------------------------ referring
@@ -362,6 +386,8 @@ def test_cli_writes_every_task_and_refuses_bad_input(tmp_path, templates, capsys
         assert reader[0] is not None
         for key in ("bench_file", "coco_file"):
             assert key not in task or (out / task[key]).is_file()
+        assert "bench_dir" not in task or (out / task["bench_dir"] / "classes.txt").is_file()
+    assert manifest["tasks"]["semantic_seg"]["bench"] == "semseg"
     assert len(list((out / "images").rglob("*.png"))) == 2 * 5
 
     assert data_main(["shapes", "--out", str(out), "--n", "2", "-q"]) == 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -56,12 +57,13 @@ __all__ = [
     "make_scene",
     "make_t2i",
     "referring_expressions",
+    "semantic_label_map",
     "shape_class",
     "vqa_questions",
     "write_dataset",
 ]
 
-GENERATOR_VERSION = 2  # 2: vqa_bench.jsonl records carry question_type
+GENERATOR_VERSION = 3  # 2: vqa_bench.jsonl records carry question_type; 3: semseg/ (ADE20K layout)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 70),
@@ -658,6 +660,21 @@ def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _KINDS[kind], index])
 
 
+def semantic_label_map(scene: Scene) -> np.ndarray:
+    """The scene's ``[H, W]`` uint8 label map: 0 background, ``SHAPES.index(kind) + 1`` (the COCO category id) on
+    each shape's pixels (shapes never overlap)."""
+    label = np.zeros(scene.masks.shape[1:], dtype=np.uint8)  # [H, W]
+    for shape, mask in zip(scene.shapes, scene.masks):
+        label[mask] = SHAPES.index(shape.kind) + 1
+    return label
+
+
+def _write_semseg_item(root: Path, image_name: str, scene: Scene, index: int) -> None:
+    """Copy a scene image into ``semseg/images/`` and write its label map to ``semseg/annotations/``."""
+    shutil.copyfile(root / image_name, root / f"semseg/images/{index:05d}.png")
+    _save(semantic_label_map(scene), root, f"semseg/annotations/{index:05d}.png")
+
+
 def _write_scenes(root: Path, n: int, seed: int, size: int, tick: Callable[[], None]) -> None:
     """Scenes with instances, referring expressions, VQA and captions."""
     images, annotations, refs, vqa, vqa_bench, captions, caption_bench, coco_captions = [], [], [], [], [], [], [], []
@@ -665,6 +682,7 @@ def _write_scenes(root: Path, n: int, seed: int, size: int, tick: Callable[[], N
         rng = _rng(seed, "scene", i)
         scene = make_scene(rng, size)
         name = _save(scene.image, root, f"images/scenes/{i:05d}.png")
+        _write_semseg_item(root, name, scene, i)
         image_id = i + 1
         images.append({"id": image_id, "file_name": name, "width": size, "height": size})
         for j, (shape, mask) in enumerate(zip(scene.shapes, scene.masks)):
@@ -701,6 +719,8 @@ def _write_scenes(root: Path, n: int, seed: int, size: int, tick: Callable[[], N
     _write_json(root / "captions.json", captions)
     _write_jsonl(root / "captions_bench.jsonl", caption_bench)
     _write_json(root / "captions_coco.json", {"images": images, "annotations": coco_captions})
+    (root / "semseg" / "classes.txt").write_text("".join(f"{n}\n" for n in ("background", *SHAPES)),
+                                                 encoding="utf-8")
 
 
 def _write_figures(root: Path, n: int, seed: int, size: int, tick: Callable[[], None]) -> None:
@@ -759,6 +779,8 @@ def _manifest(n: int, seed: int, size: int, gen_size: int) -> dict[str, Any]:
         "tasks": {
             "det": _task("coco", "instances.json", options={"task": "det"}, bench="det"),
             "instance_seg": _task("coco", "instances.json", options={"task": "instance_seg"}, bench="seg"),
+            "semantic_seg": _task("coco", "instances.json", options={"task": "semantic_seg"}, bench="semseg",
+                                  bench_dir="semseg"),
             "rec": _task("refcoco", "refcoco.jsonl", options={"task": "rec"}, bench="rec"),
             "res": _task("refcoco", "refcoco.jsonl", options={"task": "res"}, bench="res"),
             "pose": _task("coco_keypoints", "keypoints.json", bench="pose"),
@@ -779,6 +801,9 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, size: int = 96, gen_si
     Files (image paths in them are relative to ``out``, so readers need no ``image_root``):
 
     - ``instances.json``: COCO instances (categories circle, square, triangle; RLE masks; ``attributes`` colour, size);
+    - ``semseg/``: the scenes in the ADE20K layout for ``vllm2 bench semseg``: ``images/`` (copies of the scene
+      images), ``annotations/`` (uint8 PNG label maps: 0 background, the COCO category id on each shape) and
+      ``classes.txt`` (background, circle, square, triangle);
     - ``refcoco.jsonl``: referring expressions ("small red circle") that identify one shape, with box and RLE mask;
     - ``keypoints.json``: COCO keypoints of the stick figures (:data:`KEYPOINTS`, :data:`SKELETON`, visibility 2);
     - ``vqa.json`` / ``vqa_bench.jsonl``: LLaVA conversations of single-word questions / one question per record
@@ -803,8 +828,9 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, size: int = 96, gen_si
     _check_side("size", size, SCENE_RANGE)
     _check_side("gen_size", gen_size, GEN_RANGE)
     root = Path(out)
-    for folder in ("scenes", "figures", "t2i", "edit"):
-        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+    for folder in ("images/scenes", "images/figures", "images/t2i", "images/edit", "semseg/images",
+                   "semseg/annotations"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
     tick = (lambda: progress(1)) if progress is not None else (lambda: None)
     _write_scenes(root, n, seed, size, tick)
     _write_figures(root, n, seed, size, tick)

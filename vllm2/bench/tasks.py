@@ -28,8 +28,9 @@ from ..data.templates import Templates
 from .metrics_clip import ClipScorer, clip_score, edit_metrics
 from .metrics_coco import coco_eval, detections_to_coco, keypoint_sigmas, keypoints_to_coco, load_coco
 from .metrics_ground import aligned_box_iou, iou_summary, mask_counts, match_instances, pck, rec_accuracy, top1
+from .metrics_semseg import label_map_from_masks, semseg_counts, semseg_metrics
 from .metrics_text import caption_metrics, vqa_accuracy
-from .readers import CaptionDataset, VqaDataset
+from .readers import CaptionDataset, SemsegDataset, VqaDataset
 
 __all__ = ["JUDGES", "TASKS", "BenchTask", "DecoderPrediction", "SamplePrediction", "TaskOptions", "build_task",
            "normalize_name"]
@@ -73,6 +74,8 @@ class TaskOptions:
         sigmas: OKS sigmas (pose); default from the skeleton.
         pck_alpha: PCK threshold as a fraction of the box's longer side (pose).
         iou_threshold: REC hit threshold.
+        mask_score_threshold: semseg: a predicted mask paints its class only with a score above this.
+        reduce_zero_label: semseg: pixels labelled 0 are ignored and class 0 leaves the metrics (ADE20K).
     """
 
     judge: str = "clip"
@@ -80,6 +83,8 @@ class TaskOptions:
     sigmas: Sequence[float] | None = None
     pck_alpha: float = 0.2
     iou_threshold: float = 0.5
+    mask_score_threshold: float = 0.1
+    reduce_zero_label: bool = False
 
 
 def normalize_name(text: str) -> str:
@@ -119,12 +124,14 @@ class BenchTask:
         teacher_forced: whether the task can run teacher-forced (it has a decoder).
         max_new_tokens: the default answer budget in routed mode (VQA 10 and captions 30 as in the official
             evaluation; detection room for every COCO category).
+        data_is_folder: ``--data`` names a folder (semseg), not an annotation file.
     """
 
     name: ClassVar[str] = ""
     route_tasks: ClassVar[tuple[str, ...]] = ()
     teacher_forced: ClassVar[bool] = True
     max_new_tokens: ClassVar[int] = 64
+    data_is_folder: ClassVar[bool] = False
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         self.options = options or TaskOptions()
@@ -259,6 +266,79 @@ class ResTask(RecTask):
     name = "res"
     route_tasks = ("res",)
     masks = True
+
+
+class SemsegTask(BenchTask):
+    """Semantic segmentation on an ADE20K-layout folder: mIoU, aAcc, mAcc and per-class IoU / accuracy
+    (:mod:`.metrics_semseg`).
+
+    The decoder reads the ``[SEG]`` groups in detection mode with masks; the masks above
+    ``TaskOptions.mask_score_threshold`` are painted into a label map (higher score wins, uncovered pixels are the
+    background, class 0). A miss (wrong route, decoder error, no result) is an all-background map, counted in
+    ``missing`` (and ``decoder_errors``); a routed phrase that names no class is dropped and counted in
+    ``unknown_phrases``.
+    """
+
+    name = "semseg"
+    route_tasks = ("semantic_seg",)
+    max_new_tokens = 1024
+    data_is_folder = True
+
+    def decoder_options(self) -> dict[str, dict[str, Any]]:
+        return {self.decoder(): {"mode": "det", "return_masks": True,
+                                 "score_threshold": self.options.mask_score_threshold}}
+
+    def build_dataset(self, path, image_root, templates, mode, **common):
+        dataset = SemsegDataset(path, image_root, templates=templates, mode=mode, **common)
+        seen: dict[str, int] = {}
+        for k, name in enumerate(dataset.classes):
+            if seen.setdefault(normalize_name(name), k) != k:
+                raise ValueError(f"{path / 'classes.txt'}: classes {seen[normalize_name(name)]} and {k} have the "
+                                 f"same name {name!r}")
+        return dataset
+
+    def group_classes(self, dataset: SemsegDataset, out: DecoderPrediction) -> list[int | None]:
+        """Class index of each group: ``g + 1`` (teacher-forced: classes 1..K-1 in order) or by the phrase."""
+        if out.phrases is None:
+            return list(range(1, len(dataset.classes)))
+        index = {normalize_name(n): k for k, n in enumerate(dataset.classes) if k > 0}
+        return [index.get(normalize_name(p)) for p in out.phrases]
+
+    def predicted_map(self, dataset: SemsegDataset, out: DecoderPrediction, shape: tuple[int, int]) -> np.ndarray:
+        """The ``[H, W]`` label map painted from the decoder's masks."""
+        if "masks" not in out.result:
+            raise ValueError(f"decoder {self.decoder()!r} returned no masks for semantic segmentation")
+        groups = self.group_classes(dataset, out)
+        labels = _array(out.result["labels"]).astype(np.int64).tolist()
+        classes = [groups[g] if g < len(groups) else None for g in labels]
+        return label_map_from_masks(out.result["masks"], out.result["scores"], classes, shape)
+
+    def score(self, dataset, index, sample, pred):
+        label = dataset.label_map(index, sample.images[0].size)  # [H, W]
+        raw = pred.outputs.get(self.decoder()) if pred is not None else None
+        out = _output(pred, self.decoder())
+        if out is None:  # a miss: background everywhere
+            predicted, unknown = np.zeros(label.shape, dtype=np.int64), 0  # [H, W]
+        else:
+            predicted = self.predicted_map(dataset, out, label.shape)  # [H, W]
+            unknown = 0 if out.phrases is None else sum(c is None for c in self.group_classes(dataset, out))
+        inter, pred_area, label_area = semseg_counts(predicted, label, len(dataset.classes),
+                                                     reduce_zero_label=self.options.reduce_zero_label)
+        return {"inter": inter.tolist(), "pred": pred_area.tolist(), "label": label_area.tolist(),
+                "missing": out is None, "decoder_error": raw is not None and raw.error is not None,
+                "unknown_phrases": unknown}
+
+    def aggregate(self, dataset, records):
+        names = list(dataset.classes)
+        rows = [(r["inter"], r["pred"], r["label"]) for r in records]
+        if self.options.reduce_zero_label:
+            names, rows = names[1:], [tuple(c[1:] for c in row) for row in rows]
+        metrics = semseg_metrics([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], names)
+        metrics["reduce_zero_label"] = self.options.reduce_zero_label
+        for key, field_name in (("missing", "missing"), ("decoder_errors", "decoder_error"),
+                                ("unknown_phrases", "unknown_phrases")):
+            metrics[key] = int(sum(r[field_name] for r in records))
+        return metrics
 
 
 class PoseTask(BenchTask):
@@ -466,7 +546,8 @@ class EditTask(_ImageTask):
 
 
 TASKS: dict[str, type[BenchTask]] = {cls.name: cls for cls in (
-    DetectionTask, SegmentationTask, RecTask, ResTask, PoseTask, VqaTask, CaptionTask, GenTask, EditTask)}
+    DetectionTask, SegmentationTask, SemsegTask, RecTask, ResTask, PoseTask, VqaTask, CaptionTask, GenTask,
+    EditTask)}
 
 
 def build_task(name: str, options: TaskOptions | None = None) -> BenchTask:

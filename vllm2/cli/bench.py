@@ -1,14 +1,23 @@
 """``vllm2 bench TASK``: measure a model on one task's dataset and write a result JSON.
 
-Tasks: det, seg (COCO bbox/segm AP), rec (Acc@0.5), res (cIoU/mIoU), pose (keypoint AP, PCK), vqa (VQA accuracy),
-caption (CIDEr, BLEU-4), gen (CLIP score), edit (CLIP-I, CLIP-T, directional CLIP); on shapes-world data
-``--judge shapes`` scores gen (colour and shape accuracy) and edit (edit accuracy) by rule instead of CLIP.
+Tasks: det, seg (COCO bbox/segm AP), semseg (mIoU, pixel accuracy), rec (Acc@0.5), res (cIoU/mIoU), pose (keypoint
+AP, PCK), vqa (VQA accuracy), caption (CIDEr, BLEU-4), gen (CLIP score), edit (CLIP-I, CLIP-T, directional CLIP); on
+shapes-world data ``--judge shapes`` scores gen (colour and shape accuracy) and edit (edit accuracy) by rule instead
+of CLIP.
 
 Data (``--data``): det/seg/pose read a COCO annotation file (instances / person_keypoints); rec/res a referring
 expression file (``{"image", "bbox", "expressions" | "sentences", "segmentation"?}`` records); vqa
 ``{"image", "question", "answers", "question_type"?}`` records (accuracy per type when given); caption
 ``{"image", "captions"}``; gen ``{"image", "caption"}``; edit ``{"input", "instruction", "output", "input_caption"?,
 "output_caption"?}``. Images are relative to ``--image-root`` (default: the annotation file's folder).
+
+semseg reads a folder in the ADE20K layout: ``images/`` (RGB images), ``annotations/`` (a PNG label map per image,
+same file stem and size, 8-bit single channel class indices: 0 = background / "other", 255 = ignore) and
+``classes.txt`` (one class name per line, line k = class k, line 0 the background's name). The model is asked to
+segment classes 1..K-1; its ``[SEG]`` masks scoring above ``--mask-score-threshold`` are painted into a label map
+(higher score wins, uncovered pixels are background). Reported: mIoU (mean over classes with a non-zero union),
+aAcc (pixel accuracy), mAcc, per-class IoU and accuracy, and the counts of missing answers, decoder errors and
+unknown phrases. ``--reduce-zero-label`` ignores pixels labelled 0 and leaves class 0 out (ADE20K's protocol).
 
 Modes: ``routed`` (default) asks the question only and lets the model choose its routes (a wrong or missing route is a
 miss; the routing accuracy is reported); ``teacher-forced`` feeds the gold answer with its routes in one forward pass
@@ -49,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=sorted(TASKS), help="the benchmark task")
     add_model_args(parser)
-    parser.add_argument("--data", metavar="FILE", required=True, help="the annotation file")
-    parser.add_argument("--image-root", metavar="DIR", help="folder of the images (default: the data file's folder)")
+    parser.add_argument("--data", metavar="PATH", required=True,
+                        help="the annotation file (semseg: the folder with images/, annotations/, classes.txt)")
+    parser.add_argument("--image-root", metavar="DIR",
+                        help="folder of the images (default: the data file's folder; semseg: DATA/images)")
     parser.add_argument("--split", help="split name recorded in the result (default: the data file's stem)")
     parser.add_argument("--mode", choices=("routed", "teacher-forced"), default="routed")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N items")
@@ -67,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-weights", metavar="FILE", help="its local checkpoint file (gen, edit)")
     parser.add_argument("--sigmas", metavar="S1,S2,...", help="OKS sigmas per keypoint (pose; default per skeleton)")
     parser.add_argument("--pck-alpha", type=float, default=0.2, help="PCK threshold / longer box side (pose)")
+    parser.add_argument("--mask-score-threshold", type=float, default=0.1, metavar="S",
+                        help="semseg: a predicted mask paints its class only with a score above S "
+                             "(default: %(default)s)")
+    parser.add_argument("--reduce-zero-label", action="store_true",
+                        help="semseg: ignore pixels labelled 0 and leave class 0 out of the metrics (ADE20K)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -84,7 +100,13 @@ def _check_args(args: argparse.Namespace, task_cls: Any) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not Path(args.data).is_file():
+    if task_cls.data_is_folder:
+        if not Path(args.data).is_dir():
+            hint = ("; a shapes world written before generator version 3 has no semseg/: write it again with "
+                    "`vllm2 data shapes`" if (Path(args.data).parent / "manifest.json").is_file() else "")
+            raise FileNotFoundError(f"--data: folder {args.data!r} does not exist (task {args.task!r} reads a "
+                                    f"folder with images/, annotations/ and classes.txt){hint}")
+    elif not Path(args.data).is_file():
         raise FileNotFoundError(f"--data: annotation file {args.data!r} does not exist")
     if args.image_root is not None and not Path(args.image_root).is_dir():
         raise FileNotFoundError(f"--image-root: {args.image_root!r} is not a folder")
@@ -189,7 +211,8 @@ def _prepare(args: argparse.Namespace, rank: int, world: int):
     from ..data.templates import Templates
 
     _check_args(args, TASKS[args.task])
-    options = TaskOptions(judge=args.judge, sigmas=_sigmas(args.sigmas), pck_alpha=args.pck_alpha)
+    options = TaskOptions(judge=args.judge, sigmas=_sigmas(args.sigmas), pck_alpha=args.pck_alpha,
+                          mask_score_threshold=args.mask_score_threshold, reduce_zero_label=args.reduce_zero_label)
     routes, cfg = _routes_and_config(args)
     task = build_task(args.task, options).bind(routes)
     mode = "teacher_forced" if args.mode == "teacher-forced" else "question"
@@ -208,7 +231,7 @@ def _prepare(args: argparse.Namespace, rank: int, world: int):
     return task, dataset, indices, cfg
 
 
-def _result(args: argparse.Namespace, summary: dict, model: Any, weights: str, untrained: bool,
+def _result(args: argparse.Namespace, summary: dict, dataset: Any, model: Any, weights: str, untrained: bool,
             seconds: float) -> dict[str, Any]:
     """The result file's content."""
     return {
@@ -218,7 +241,7 @@ def _result(args: argparse.Namespace, summary: dict, model: Any, weights: str, u
         "model": {"folder": args.model, "config_file": args.config, "overrides": list(args.overrides),
                   "weights_sha256": weights, "untrained": untrained},
         "data": {"files": {"annotations": str(Path(args.data).resolve()),
-                           "image_root": str(Path(args.image_root or Path(args.data).parent).resolve())},
+                           "image_root": str(Path(dataset.image_root).resolve())},
                  "split": args.split or Path(args.data).stem, "limit": args.limit},
         "run": {"batch_size": args.batch_size, "nproc": int(os.environ.get("WORLD_SIZE", "1")),
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "device": _device(args.device),
@@ -252,8 +275,8 @@ def _run(args: argparse.Namespace, distributed: bool) -> int:
     summary = evaluate(task, dataset, predictor, args.mode, indices, args.batch_size, progress=True)
     if summary is None:
         return 0
-    Path(args.out).write_text(json.dumps(_result(args, summary, model, weights, untrained, time.time() - started),
-                                         indent=2))
+    result = _result(args, summary, dataset, model, weights, untrained, time.time() - started)
+    Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({"task": args.task, "mode": args.mode, **summary}))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

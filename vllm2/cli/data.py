@@ -4,7 +4,9 @@
 scenes, stick-figure images, text-to-image pairs, edit triplets) with their annotations in the formats the training
 readers and ``vllm2 bench`` accept, and DIR/manifest.json naming the reader and bench task of every file:
 
-  instances.json        COCO instances (circle, square, triangle) with RLE masks: det, instance_seg
+  instances.json        COCO instances (circle, square, triangle) with RLE masks: det, instance_seg, semantic_seg
+  semseg/               the scenes in the ADE20K layout (images/, annotations/ label PNGs, classes.txt) for
+                        `vllm2 bench semseg`
   refcoco.jsonl         referring expressions that identify one shape ("small red circle"): rec, res
   keypoints.json        COCO keypoints of stick figures (head, neck, hip, hands, feet): pose
   vqa.json              LLaVA conversations, single-word answers; vqa_bench.jsonl for `vllm2 bench vqa`
