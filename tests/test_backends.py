@@ -22,6 +22,27 @@ def test_open_clip_backend_trains(tiny_processor):
     assert model.vis_encoder.visual.conv1.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("tower", [
+    ["vision.open_clip_model=vllm2-tiny-vit"],
+    ["vision.open_clip_model=vllm2-tiny-rn", "vision.image_size=64", "vision.patch_size=16", "vision.hidden_size=256",
+     "vision.output_layer=-1", "region.enabled=false", "vision.image_mode=resize"],
+])
+def test_open_clip_towers_save_and_load_exactly(tmp_path, tower):
+    from vllm2 import VisionLLMv2Model, VisionLLMv2Processor
+
+    cfg = load_config("tiny", ["vision.backend=open_clip", *tower])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    processor = VisionLLMv2Processor.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    loaded = VisionLLMv2Model.from_pretrained(tmp_path).eval()
+    batch = _batch(processor)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    state = loaded.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_open_clip_layer_choice_matters(tiny_processor):
     cfg = load_config("tiny", ["vision.backend=open_clip", "vision.open_clip_model=vllm2-tiny-vit"])
     torch.manual_seed(0)

@@ -128,7 +128,9 @@ def create_open_clip(cfg: VisionConfig, pretrained: str | None = None) -> nn.Mod
         open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
     if cfg.open_clip_model not in open_clip.list_models():
         raise ValueError(f"config key vision.open_clip_model: unknown open_clip model {cfg.open_clip_model!r}")
-    return open_clip.create_model(cfg.open_clip_model, pretrained=pretrained, force_image_size=cfg.image_size)
+    device = torch.empty(0).device  # "meta" while transformers' from_pretrained builds the model: keep it there
+    return open_clip.create_model(cfg.open_clip_model, pretrained=pretrained, force_image_size=cfg.image_size,
+                                  device=device)
 
 
 def _open_clip_tower(visual: nn.Module, cfg: VisionConfig) -> tuple[nn.Module, int | None]:
