@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from vllm2.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 SAMPLE = str(ROOT / "data" / "samples" / "shapes.png")
+DEMO = str(ROOT / "data" / "samples" / "demo.json")
 TOKENS = ["--max-new-tokens", "6"]
 
 
@@ -131,7 +133,25 @@ def test_batch_file_answers_like_one_at_a_time(reference, tmp_path, capsys):
     assert written == items and written[0]["image"] == SAMPLE and written[1]["image"] is None
 
 
+def test_batch_items_with_expect_are_judged(tmp_path, capsys):
+    """The demo file on a tiny random model: one judged line per item (task, right/wrong, reason), the total, and
+    ``right`` / ``reason`` in answers.jsonl; answers the judges cannot read are wrong, never a crash."""
+    code = main(["chat", "--config", TINY, "--batch", DEMO, "--out", str(tmp_path), *TOKENS])
+    out = capsys.readouterr().out
+    assert code == 0
+    tasks = [item["task"] for item in json.loads(Path(DEMO).read_text())]
+    judged = out[out.index("judged against each item's 'expect':"):].splitlines()
+    assert len(judged) == len(tasks) + 2
+    verdicts = [re.fullmatch(r"  (\w+) +(right|wrong)  (.+)", line) for line in judged[1:-1]]
+    assert all(verdicts) and [v[1] for v in verdicts] == tasks
+    rights = sum(v[2] == "right" for v in verdicts)
+    assert judged[-1] == f"{rights} of {len(tasks)} right"
+    written = _json_lines((tmp_path / "answers.jsonl").read_text())
+    assert [(w["task"], w["right"], w["reason"]) for w in written] == [(v[1], v[2] == "right", v[3]) for v in verdicts]
+
+
 @pytest.mark.parametrize("content, message", [
+    ('[{"prompt": "a", "expect": {"rule": "guess"}}]', "item 0: 'expect' must be an object whose 'rule'"),
     ('[{"image": null}]', "item 0 needs a string 'prompt'"),
     ('[]', "has no items"),
     ('{"prompt": "a"}\n{oops', "neither a JSON list nor JSON lines"),

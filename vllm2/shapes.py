@@ -12,7 +12,8 @@ images.
 
 Item ``i`` of each kind is drawn with ``numpy.random.default_rng([seed, kind, i])``, so a dataset is deterministic for
 a seed and its first items do not depend on ``n``. :func:`write_dataset` writes everything; see its docstring for the
-files. The checkers :func:`dominant_colour`, :func:`shape_class` and :func:`edit_correct` read images only.
+files; :func:`write_demo` writes the demo's sample images (the first items of a world) and their prompts with
+ground truth. The checkers :func:`dominant_colour`, :func:`shape_class` and :func:`edit_correct` read images only.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from .bench.readers import CAPTION_PROMPT, VQA_SUFFIX
-from .data.annotations import mask_to_box
+from .data.annotations import clean_name, mask_to_box
+from .data.templates import DEFAULT_PHRASINGS
 from .tokenizer import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "COLOURS",
+    "DEMO_FILES",
     "EditExample",
     "Figure",
     "FigureScene",
@@ -61,6 +64,7 @@ __all__ = [
     "shape_class",
     "vqa_questions",
     "write_dataset",
+    "write_demo",
 ]
 
 GENERATOR_VERSION = 3  # 2: vqa_bench.jsonl records carry question_type; 3: semseg/ (ADE20K layout)
@@ -82,6 +86,7 @@ _KINDS = {"scene": 0, "figure": 1, "t2i": 2, "edit": 3}
 _GEN_EXTENTS = {"small": (0.25, 0.32), "large": (0.42, 0.5)}  # edit images, fraction of the side
 _T2I_EXTENT = (0.5, 0.7)
 _FILL_SQUARE, _FILL_CIRCLE = 0.9, 0.64  # fill-ratio thresholds of shape_class
+DEMO_FILES = ("scene.png", "figures.png", "edit.png", "demo.json")  # what write_demo writes
 
 
 # ------------------------------------------------------------------------------------------------ shapes
@@ -839,3 +844,92 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, size: int = 96, gen_si
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     logger.info("wrote the shapes world (n=%d, seed=%d) to %s", n, seed, root)
     return manifest
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+
+
+def _first(slot: str, **fields: str) -> str:
+    """The evaluation (first) phrasing of a template slot, filled in."""
+    return DEFAULT_PHRASINGS[slot][0].format(**fields)
+
+
+def _demo_find(scene: Scene) -> dict[str, Any]:
+    """The find item's ground truth: the first shape (drawing order) with a referring expression, and its longest
+    expression (the first of equal length)."""
+    j = next(j for j in range(len(scene.shapes)) if referring_expressions(scene.shapes, j))
+    expression = max(referring_expressions(scene.shapes, j), key=len)
+    mask = scene.masks[j]
+    return {"rule": "find", "expression": expression, "phrase": scene.shapes[j].phrase(),
+            "box": mask_to_box(mask).tolist(), "mask": _rle(mask)}
+
+
+def _demo_items(scene: Scene, figures: FigureScene, t2i: Shape, t2i_caption: str,
+                edit: EditExample) -> list[dict[str, Any]]:
+    """The eight demo items (task label, image, prompt, ground truth ``expect``)."""
+    categories = ", ".join(SHAPES)
+    objects = [{"category": s.kind, "phrase": s.phrase(), "box": mask_to_box(m).tolist()}
+               for s, m in zip(scene.shapes, scene.masks)]
+    regions = [{"category": s.kind, "phrase": s.phrase(), "mask": _rle(m)} for s, m in zip(scene.shapes, scene.masks)]
+    find = _demo_find(scene)
+    figure_name, keypoint_names = clean_name("stick_figure"), [clean_name(k) for k in KEYPOINTS]
+    people = [{"colour": f.colour, "box": mask_to_box(m).tolist(),
+               "keypoints": [[float(x), float(y), 2.0] for x, y in f.keypoints]}
+              for f, m in zip(figures.figures, figures.masks)]
+    pose_prompt = " ".join([_first("det_question", categories=figure_name),
+                            _first("pose_question", keypoints=", ".join(keypoint_names))])
+    return [
+        {"task": "describe", "image": "scene.png", "prompt": "Describe the image.",
+         "expect": {"rule": "describe", "caption": caption(scene.shapes)}},
+        {"task": "count", "image": "scene.png", "prompt": f"How many shapes are there? {VQA_SUFFIX}",
+         "expect": {"rule": "count", "answer": NUMBERS[len(scene.shapes)]}},
+        {"task": "detect", "image": "scene.png", "prompt": _first("det_question", categories=categories),
+         "expect": {"rule": "detect", "objects": objects}},
+        {"task": "segment", "image": "scene.png",
+         "prompt": _first("semantic_seg_question", categories=categories),
+         "expect": {"rule": "segment", "objects": regions}},
+        {"task": "find", "image": "scene.png", "prompt": _first("grounding_question",
+                                                                 expression=find["expression"]),
+         "expect": find},
+        {"task": "pose", "image": "figures.png", "prompt": pose_prompt,
+         "expect": {"rule": "pose", "category": figure_name, "keypoint_names": keypoint_names, "figures": people}},
+        {"task": "draw", "image": None, "prompt": _first("t2i_question", caption=t2i_caption),
+         "expect": {"rule": "draw", "colour": t2i.colour, "shape": t2i.kind}},
+        {"task": "edit", "image": "edit.png", "prompt": _first("edit_question", instruction=edit.instruction),
+         "expect": {"rule": "edit", **edit.edit}},
+    ]
+
+
+def write_demo(out: str | Path, seed: int = 1, size: int = 96, gen_size: int = 32) -> list[dict[str, Any]]:
+    """Write the demo's sample images and prompts: :data:`DEMO_FILES` in ``out`` (other files are left alone).
+
+    The images are the FIRST scene, the FIRST figure image and the FIRST edit input of the world ``vllm2 data
+    shapes --seed SEED --size SIZE --gen-size GEN_SIZE`` writes (the same generators, the same PNG encoding);
+    ``demo.json`` holds one prompt per task (describe, count, detect, segment, find, pose, draw, edit) in the
+    evaluation phrasings of :data:`~vllm2.data.templates.DEFAULT_PHRASINGS`, about those items and about the first
+    text-to-image pair's caption, each with its ground truth in ``expect`` (``rule`` names how
+    :mod:`vllm2.bench.judges` judges the answer). Deterministic: the same arguments write the same bytes.
+
+    Args:
+        out: the folder (created).
+        seed: the world's seed (default 1, the held-out world of ``make shapes-bench``).
+        size: scene and figure image side (64–128).
+        gen_size: text-to-image and edit image side (32–128).
+    Returns:
+        The items written to ``demo.json``.
+    """
+    _check_side("size", size, SCENE_RANGE)
+    _check_side("gen_size", gen_size, GEN_RANGE)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    scene = make_scene(_rng(seed, "scene", 0), size)
+    figures = make_figures(_rng(seed, "figure", 0), size)
+    _, t2i, t2i_caption = make_t2i(_rng(seed, "t2i", 0), gen_size)
+    edit = make_edit(_rng(seed, "edit", 0), gen_size)
+    for image, name in ((scene.image, "scene.png"), (figures.image, "figures.png"), (edit.input, "edit.png")):
+        _save(image, root, name)
+    items = _demo_items(scene, figures, t2i, t2i_caption, edit)
+    lines = ",\n".join(f"  {json.dumps(item)}" for item in items)
+    (root / "demo.json").write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+    logger.info("wrote the demo (world seed %d) to %s", seed, root)
+    return items

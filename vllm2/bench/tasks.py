@@ -33,7 +33,7 @@ from .metrics_text import caption_metrics, vqa_accuracy
 from .readers import CaptionDataset, SemsegDataset, VqaDataset
 
 __all__ = ["JUDGES", "TASKS", "BenchTask", "DecoderPrediction", "SamplePrediction", "TaskOptions", "build_task",
-           "normalize_name"]
+           "normalize_name", "routed_keypoints"]
 
 
 @dataclass
@@ -113,6 +113,33 @@ def _coco_image_id(dataset: TaskDataset, index: int) -> int:
     position = dataset.items[index]
     position = position[0] if isinstance(position, tuple) else position
     return int(dataset.coco.images[position]["id"])
+
+
+def routed_keypoints(out: DecoderPrediction, name: str, names: Sequence[str],
+                     pose_token: str) -> tuple[list[bool], np.ndarray]:
+    """Read a routed pose answer by its phrases: which object groups name the object class, and the keypoints in
+    skeleton order (each keypoint group goes to the skeleton slot its phrase names; unnamed slots stay (0, 0, 0)).
+
+    Args:
+        out: the pose decoder's output (``phrases`` and ``group_routes`` of a routed answer).
+        name: the object class; names: the skeleton's keypoint names in order.
+        pose_token: the route token of the keypoint groups (the other groups are object groups).
+    Returns:
+        Per object group whether its phrase is ``name``, and keypoints ``[n, Kp, 3]`` in the order of ``names``.
+    """
+    keypoints = _array(out.result["keypoints"])  # [n, Kp', 3]
+    objects = [p for p, r in zip(out.phrases, out.group_routes) if r != pose_token]
+    parts = [p for p, r in zip(out.phrases, out.group_routes) if r == pose_token]
+    named = [normalize_name(p) == normalize_name(name) for p in objects]
+    slot = {normalize_name(n): k for k, n in enumerate(names)}
+    ordered = np.zeros((len(keypoints), len(names), 3))  # [n, Kp, 3]; unnamed keypoints stay at (0, 0, 0)
+    seen: set[int] = set()
+    for j, phrase in enumerate(parts[: keypoints.shape[1]]):
+        k = slot.get(normalize_name(phrase))
+        if k is not None and k not in seen:
+            ordered[:, k] = keypoints[:, j]
+            seen.add(k)
+    return named, ordered
 
 
 class BenchTask:
@@ -369,19 +396,8 @@ class PoseTask(BenchTask):
             if keypoints.shape[1] != len(names):
                 raise ValueError(f"teacher-forced pose: {keypoints.shape[1]} keypoint groups for {len(names)} names")
             return [category], keypoints
-        pose_token = self.routes.route_for_task("pose")
-        objects = [p for p, r in zip(out.phrases, out.group_routes) if r != pose_token]
-        parts = [p for p, r in zip(out.phrases, out.group_routes) if r == pose_token]
-        cats = [category if normalize_name(p) == normalize_name(name) else None for p in objects]
-        slot = {normalize_name(n): k for k, n in enumerate(names)}
-        ordered = np.zeros((len(keypoints), len(names), 3))  # [n, Kp, 3]; unnamed keypoints stay at (0, 0, 0)
-        seen: set[int] = set()
-        for j, phrase in enumerate(parts[: keypoints.shape[1]]):
-            k = slot.get(normalize_name(phrase))
-            if k is not None and k not in seen:
-                ordered[:, k] = keypoints[:, j]
-                seen.add(k)
-        return cats, ordered
+        named, ordered = routed_keypoints(out, name, names, self.routes.route_for_task("pose"))
+        return [category if ok else None for ok in named], ordered
 
     def score(self, dataset, index, sample, pred):
         position, skeleton = dataset.items[index]

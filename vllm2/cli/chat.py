@@ -1,8 +1,11 @@
 """``vllm2 chat``: one-shot (``--prompt``), a batch of prompts (``--batch``), or a multi-turn REPL about an image.
 
-``--batch FILE`` reads a JSON list (or JSON lines) of ``{"image": PATH | null, "prompt": TEXT, "task": LABEL?}`` items
-(image paths relative to the file; the optional label heads the item's tile in ``OUT/sheet.png``) and answers them
-all in ONE batched generation: samples that route and samples that do not decode side by side.
+``--batch FILE`` reads a JSON list (or JSON lines) of ``{"image": PATH | null, "prompt": TEXT, "task": LABEL?,
+"expect": GROUND_TRUTH?}`` items (image paths relative to the file; the optional label heads the item's tile in
+``OUT/sheet.png``) and answers them all in ONE batched generation: samples that route and samples that do not decode
+side by side. Items with ``expect`` (``{"rule": describe | count | detect | segment | find | pose | draw | edit, ...}``,
+see vllm2.bench.judges) are judged with the benchmarks' rules: one line per item (task, right or wrong, the reason),
+"N of M right", and ``right`` / ``reason`` in ``OUT/answers.jsonl``.
 
 Routes the model emits run their decoders; annotated pictures (boxes, masks, keypoints) and generated or edited
 images are written to ``--out`` and their paths printed. ``--json`` prints one JSON object per turn.
@@ -14,11 +17,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
+from ..bench.judges import RULES, Verdict, judge
 from ..chat import ChatResult, RouteOutput, history_text
 from ..images import load_image
 from ..region import box_to_mask, point_to_mask
@@ -131,9 +135,18 @@ def _turn(model, processor, args, image, regions, history, prompt: str, turn: in
     return result
 
 
-def read_batch(path: str) -> list[tuple[str | None, str, str | None]]:
-    """The ``(image path | None, prompt, label | None)`` items of a ``--batch`` file; ``ValueError`` naming the file
-    and item."""
+class BatchItem(NamedTuple):
+    """One ``--batch`` item: the image path (None: no image), the prompt, the label (None: none) and the ground truth
+    to judge the answer by (None: not judged)."""
+
+    image: str | None
+    prompt: str
+    label: str | None = None
+    expect: dict[str, Any] | None = None
+
+
+def read_batch(path: str) -> list[BatchItem]:
+    """The items of a ``--batch`` file; ``ValueError`` naming the file and item."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--batch: file {path!r} does not exist")
@@ -153,32 +166,55 @@ def read_batch(path: str) -> list[tuple[str | None, str, str | None]]:
         label = item.get("task")
         if label is not None and not isinstance(label, str):
             raise ValueError(f"--batch: {path} item {i}: 'task' must be a string, got {label!r}")
-        out.append((str(file.parent / image) if image else None, item["prompt"], label))
+        expect = item.get("expect")
+        if expect is not None and not (isinstance(expect, dict) and expect.get("rule") in RULES):
+            raise ValueError(f"--batch: {path} item {i}: 'expect' must be an object whose 'rule' is one of "
+                             f"{list(RULES)}, got {expect!r}")
+        out.append(BatchItem(str(file.parent / image) if image else None, item["prompt"], label, expect))
     if not out:
         raise ValueError(f"--batch: {path} has no items")
     return out
 
 
-def _batch(model, processor, args, items: list[tuple[str | None, str, str | None]]) -> None:
-    """Answer every item in one ``model.chat`` call; print each answer, write its pictures, every answer to
-    ``OUT/answers.jsonl`` and a contact sheet of all items (picture, or input image, above the answer) to
-    ``OUT/sheet.png``."""
-    images = [load_image(path) if path else None for path, _, _ in items]
-    results = model.chat(processor, images, [prompt for _, prompt, _ in items], max_new_tokens=args.max_new_tokens,
+def _print_verdicts(items: list[BatchItem], verdicts: list[Verdict | None]) -> None:
+    """One line per judged item (task, right or wrong, reason) and the total."""
+    judged = [(item.label or f"item {i}", v) for i, (item, v) in enumerate(zip(items, verdicts)) if v is not None]
+    if not judged:
+        return
+    width = max(len(name) for name, _ in judged)
+    print("judged against each item's 'expect':")
+    for name, verdict in judged:
+        print(f"  {name:<{width}}  {'right' if verdict.right else 'wrong'}  {verdict.reason}")
+    print(f"{sum(v.right for _, v in judged)} of {len(judged)} right")
+
+
+def _batch(model, processor, args, items: list[BatchItem]) -> None:
+    """Answer every item in one ``model.chat`` call; print each answer, write its pictures, every answer (with the
+    verdict of the items that carry ``expect``) to ``OUT/answers.jsonl`` and a contact sheet of all items (picture,
+    or input image, above the answer) to ``OUT/sheet.png``; then print the verdicts."""
+    images = [load_image(item.image) if item.image else None for item in items]
+    results = model.chat(processor, images, [item.prompt for item in items], max_new_tokens=args.max_new_tokens,
                          do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
-    lines, tiles = [], []
-    for i, ((path, prompt, label), image, result) in enumerate(zip(items, images, results)):
+    lines, tiles, verdicts = [], [], []
+    for i, (item, image, result) in enumerate(zip(items, images, results)):
         if not args.json:
-            print(f"[{i}] {prompt}")
+            print(f"[{i}] {item.prompt}")
         paths = save_outputs(result, image, Path(args.out), f"item{i}")
-        lines.append(_report(result, paths, {"item": i, "image": path, "prompt": prompt}, args.json, "    "))
+        record: dict[str, Any] = {"item": i, "image": item.image, "prompt": item.prompt}
+        verdict = judge(result, item.expect, processor.routes, image) if item.expect is not None else None
+        if verdict is not None:
+            record.update(task=item.label, right=verdict.right, reason=verdict.reason)
+        verdicts.append(verdict)
+        lines.append(_report(result, paths, record, args.json, "    "))
         picture = next((p for p in paths if p), None)
-        tiles.append((Image.open(picture) if picture else image, f"{label or prompt}: {result.text}"))
+        mark = "" if verdict is None else f" ({'right' if verdict.right else 'wrong'})"
+        tiles.append((Image.open(picture) if picture else image, f"{item.label or item.prompt}{mark}: {result.text}"))
     out = Path(args.out)
     (out / "answers.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     contact_sheet(tiles).save(out / "sheet.png")
     if not args.json:
         print(f"answers: {out / 'answers.jsonl'}; all items: {out / 'sheet.png'}")
+        _print_verdicts(items, verdicts)
 
 
 def main(argv: list[str] | None = None) -> int:

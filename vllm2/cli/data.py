@@ -16,7 +16,14 @@ readers and ``vllm2 bench`` accept, and DIR/manifest.json naming the reader and 
 
 The data is deterministic for a seed, and image i does not depend on N: use another seed for a held-out split.
 
-Example: vllm2 data shapes --out data/shapes/train --n 2000 --seed 0
+``vllm2 data demo --out DIR`` writes the prompts of ``make demo`` (DIR/demo.json: describe, count, detect, segment,
+find, pose, draw, edit, each with its ground truth in "expect") and their images scene.png, figures.png and edit.png:
+the first scene, figure image and edit input of the world ``vllm2 data shapes --seed 1 --gen-size 32`` writes (the
+held-out world of ``make shapes-bench``); "draw" asks for that world's first text-to-image caption. Other files in
+DIR are left alone.
+
+Examples: vllm2 data shapes --out data/shapes/train --n 2000 --seed 0
+          vllm2 data demo --out data/samples
 """
 
 from __future__ import annotations
@@ -47,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     shapes.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     shapes.add_argument("-v", "--verbose", action="store_true")
+    demo = actions.add_parser("demo", help="write the demo prompts (with ground truth) and images of `make demo`",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--out", required=True, metavar="DIR", help="output folder (created; demo.json, scene.png, "
+                      "figures.png and edit.png are overwritten)")
+    demo.add_argument("--seed", type=int, default=1, help="the world's seed (default: %(default)s, the held-out world)")
+    demo.add_argument("--size", type=int, default=96, help="side of the scene and figure images (default: %(default)s)")
+    demo.add_argument("--gen-size", type=int, default=32, help="side of the edit image and of the world's "
+                      "text-to-image pairs (default: %(default)s)")
+    demo.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -68,7 +84,23 @@ def _shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from ..shapes import DEMO_FILES, write_demo
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {str(out)!r} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        items = write_demo(out, args.seed, args.size, args.gen_size)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(items)} demo items: {', '.join(str(out / name) for name in DEMO_FILES)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    return _shapes(args)
+    return _demo(args) if args.action == "demo" else _shapes(args)
