@@ -141,13 +141,15 @@ def test_route_modes_pick_the_reading_per_group(trained):
                         route_modes={8: "panoptic"})
 
 
-def test_semantic_mode_labels_each_shape(trained):
+def test_semantic_mode_labels_each_shape_and_leaves_the_background(trained):
     decoder = trained["decoder"]
     results = decoder.predict(trained["queries"], trained["query_mask"], trained["inputs"], mode="semantic")
     for result, target in zip(results, trained["targets"]):
         assert result["semantic"].shape == target["masks"].shape[1:]
         for label, mask in zip(target["labels"], target["masks"]):
             assert (result["semantic"][mask] == label).float().mean() >= 0.5
+        background = ~target["masks"].any(0)  # [H, W]
+        assert (result["semantic"][background] == -1).float().mean() >= 0.9
 
 
 def test_rle_round_trip(trained):

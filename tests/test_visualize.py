@@ -26,3 +26,12 @@ def test_boxes_masks_and_threshold():
     low = {**result, "scores": torch.tensor([0.2, 0.1])}
     picture = np.asarray(draw_result(image, low, ["circle", "square"], min_side=48))
     assert tuple(picture[15, 10]) == PALETTE[0] and (picture[35, 45] == 255).all()  # only the best one
+
+
+def test_a_semantic_map_tints_its_groups_and_leaves_the_background():
+    image = Image.new("RGB", (8, 8), (255, 255, 255))
+    semantic = torch.full((8, 8), -1)
+    semantic[0:4, 0:4] = 1
+    picture = np.asarray(draw_result(image, {"semantic": semantic}, ["circle", "square"], min_side=8))
+    expected = (0.5 * 255 + 0.5 * np.array(PALETTE[1])).astype(np.uint8)
+    assert (picture[:4, :4] == expected).all() and (picture[4:, :] == 255).all() and (picture[:, 4:] == 255).all()

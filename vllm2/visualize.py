@@ -25,8 +25,8 @@ def draw_result(image: Image.Image, result: dict, phrases: Sequence[str] = (),
 
     Args:
         image: the original image.
-        result: ``boxes [n,4]`` xyxy pixels, ``labels [n]`` group indices, ``scores [n]``, optional ``masks [n,H,W]``
-            and ``keypoints [n,K,3]``.
+        result: ``boxes [n,4]`` xyxy pixels, ``labels [n]`` group indices, ``scores [n]``, optional ``masks [n,H,W]``,
+            ``semantic [H,W]`` (group index per pixel, -1 none) and ``keypoints [n,K,3]``.
         phrases: the name of each group (label index -> text).
         skeleton: keypoint index pairs to connect.
         min_score: results scoring less are not drawn (the best one always is).
@@ -39,9 +39,15 @@ def draw_result(image: Image.Image, result: dict, phrases: Sequence[str] = (),
     scores = _to_numpy(result.get("scores", np.ones(len(labels)))).reshape(-1)
     keep = scores >= min(min_score, scores.max()) if len(scores) else np.zeros(0, dtype=bool)
     canvas = image.convert("RGB")
+    masks = []  # (bool [H, W], group index) pairs to tint
     if result.get("masks") is not None:
-        arr = np.asarray(canvas, dtype=np.float32).copy()
-        for mask, label in zip(_to_numpy(result["masks"]).astype(bool)[keep], labels[keep]):
+        masks += list(zip(_to_numpy(result["masks"]).astype(bool)[keep], labels[keep]))
+    if result.get("semantic") is not None:
+        semantic = _to_numpy(result["semantic"]).astype(int)  # [H, W]
+        masks += [(semantic == g, g) for g in np.unique(semantic[semantic >= 0])]
+    if masks:
+        arr = np.asarray(canvas, dtype=np.float32).copy()  # [H, W, 3]
+        for mask, label in masks:
             arr[mask] = 0.5 * arr[mask] + 0.5 * np.array(PALETTE[label % len(PALETTE)], dtype=np.float32)
         canvas = Image.fromarray(arr.astype(np.uint8))
     scale = max(1, -(-min_side // min(canvas.size)))

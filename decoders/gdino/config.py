@@ -44,7 +44,8 @@ class GroundingDinoDecoderConfig:
         mask_points, mask_oversample_ratio, mask_importance_ratio: uncertainty point sampling of the mask losses.
 
     Inference: ``topk`` detections per sample, ``score_threshold``, ``mask_threshold`` (on the sigmoid),
-    ``return_masks`` (instance masks in ``predict``).
+    ``return_masks`` (instance masks in ``predict``), ``semantic_threshold`` (a pixel of a semantic map whose best
+    class score, summed over the queries, is lower is background).
 
     pretrained_path: optional local folder with transformers GroundingDINO weights (``load_pretrained``).
     """
@@ -95,6 +96,7 @@ class GroundingDinoDecoderConfig:
     topk: int = 100
     score_threshold: float = 0.0
     mask_threshold: float = 0.5
+    semantic_threshold: float = 0.2
     return_masks: bool = True
 
     pretrained_path: str | None = None

@@ -396,7 +396,7 @@ class GroundingDinoDecoder(Decoder):
         Returns:
             Per sample: ``boxes`` ``[n, 4]`` xyxy, ``scores`` ``[n]``, ``labels`` ``[n]`` (group indices); with masks
             also ``masks`` ``[n, H, W]`` bool and ``rles`` (COCO RLE dicts); with semantic groups ``semantic``
-            ``[H, W]`` long (group index of each pixel).
+            ``[H, W]`` long (group index of each pixel, -1 for background).
         """
         if options:
             raise TypeError(f"unknown predict options: {sorted(options)}")
@@ -451,8 +451,9 @@ class GroundingDinoDecoder(Decoder):
         if semantic_groups.numel():
             all_queries = torch.arange(probs.shape[0], device=probs.device)
             logits = _mask_logits(mask_embeds, mask_features, all_queries, self.config.num_queries)  # [Q', h, w]
-            per_pixel = semantic_to_original(probs[:, semantic_groups], logits, canvas, image_size, orig_size)
-            result["semantic"] = semantic_groups[per_pixel]
+            per_pixel = semantic_to_original(probs[:, semantic_groups], logits, canvas, image_size, orig_size,
+                                             self.config.semantic_threshold)  # [H, W], -1: background
+            result["semantic"] = torch.where(per_pixel >= 0, semantic_groups[per_pixel.clamp(min=0)], -1)
         return {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in result.items()}
 
     # ----------------------------------------------------------------------------------------------- weights

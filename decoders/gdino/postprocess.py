@@ -7,7 +7,8 @@ Each group (category) is read in one of three modes:
 - ``"grounding"``: referring expressions, grounding and interactive (region-prompted) segmentation; the single best
   query of each group, whatever its score.
 - ``"semantic"``: semantic segmentation over the sample's semantic groups, Mask2Former style:
-  ``argmax_g sum_q sigmoid(cls[q, g]) * sigmoid(mask[q])``.
+  ``argmax_g sum_q sigmoid(cls[q, g]) * sigmoid(mask[q])``; a pixel whose best score is below the threshold belongs
+  to no group (-1, background).
 
 Boxes are predicted as ``(cx, cy, w, h)`` relative to the unpadded image, so they scale straight to the original
 size. Masks are predicted at stride 4 of the padded canvas: upsampled to the canvas, cropped to the resized image and
@@ -110,6 +111,7 @@ def semantic_to_original(
     canvas: tuple[int, int],
     image_size: tuple[int, int],
     orig_size: tuple[int, int],
+    threshold: float = 0.0,
 ) -> torch.Tensor:
     """Semantic map from per-query class scores and masks (Mask2Former's semantic inference).
 
@@ -117,12 +119,14 @@ def semantic_to_original(
         class_probs: ``[Q, Gs]`` sigmoid scores of the semantic groups.
         mask_logits: ``[Q, h, w]``.
         canvas, image_size, orig_size: as in :func:`masks_to_original`.
+        threshold: pixels whose best class score is lower belong to no class.
 
     Returns:
-        ``[H, W]`` long, the index (into the ``Gs`` semantic groups) of each pixel's class.
+        ``[H, W]`` long, the index (into the ``Gs`` semantic groups) of each pixel's class, -1 for none.
     """
     per_class = torch.einsum("qg,qhw->ghw", class_probs.float(), mask_logits.float().sigmoid())  # [Gs, h, w]
-    return _to_original(per_class, canvas, image_size, orig_size).argmax(0)  # [H, W]
+    score, best = _to_original(per_class, canvas, image_size, orig_size).max(0)  # [H, W], [H, W]
+    return torch.where(score >= threshold, best, -1)
 
 
 def masks_to_rle(masks: torch.Tensor) -> list[dict]:
