@@ -115,3 +115,41 @@ def test_config_errors_name_the_key(data, message):
     cfg.data = {"root": str(EXAMPLES), **{k: v for k, v in data.items()}}
     with pytest.raises((KeyError, ValueError), match=message):
         build_mixture(cfg, cfg.route_table())
+
+
+def test_two_loader_workers_give_the_batches_of_none(cfg):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vllm2 import VisionLLMv2Processor
+    from vllm2.data import Collator
+    from vllm2.training import TaskAlignedBatchSampler, training_arguments
+
+    tiny = load_config("tiny", ["training.dataloader_num_workers=2"])
+    assert training_arguments(tiny).dataloader_num_workers == 2
+    processor = VisionLLMv2Processor.from_config(tiny)
+    mixture = build_mixture(cfg, processor.routes)
+    sampler = TaskAlignedBatchSampler(mixture.tasks, 3, 1, 0, seed=0)
+    loaders = [DataLoader(mixture, batch_sampler=sampler, collate_fn=Collator(processor, 1024), num_workers=n)
+               for n in (0, 2)]
+    batches = [list(loader) for loader in loaders]
+    assert len(batches[0]) == len(batches[1]) > 1
+    assert all(_same(dict(a), dict(b)) for a, b in zip(*batches))
+
+
+def _same(a, b) -> bool:
+    """Equal nested batches: tensors and arrays element for element, images pixel for pixel."""
+    import torch
+    from PIL import Image
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, Image.Image):
+        return isinstance(b, Image.Image) and (a.mode, a.size, a.tobytes()) == (b.mode, b.size, b.tobytes())
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b

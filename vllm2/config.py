@@ -140,6 +140,7 @@ class TrainingConfig:
     logging_steps: int = 10
     save_steps: int = 500
     deepspeed: str | None = None
+    dataloader_num_workers: int = 4  # processes reading images and building batches (0: in the training process)
     skip_bad_records: bool = False
 
 

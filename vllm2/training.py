@@ -302,7 +302,7 @@ def training_arguments(cfg: VLLM2Config) -> TrainingArguments:
         ddp_backend="gloo" if not cuda and distributed else None,
         report_to=["tensorboard"],
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=t.dataloader_num_workers,
         disable_tqdm=False,
     )
 
