@@ -131,3 +131,7 @@ def test_cli_pretrain_then_probe(tmp_path, capsys):
     assert tower_main(["pretrain", "--config", "tiny", *OVERRIDES, "--data", str(tmp_path / "nope.json"),
                        "--out", str(out), "-q"]) == 2
     assert "nope.json" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    assert tower_main(["pretrain", "--config", "tiny", *OVERRIDES, "--data", str(tmp_path / "bad.json"),
+                       "--out", str(out), "-q"]) == 2
+    assert "bad.json: not a COCO instances file" in capsys.readouterr().err

@@ -86,13 +86,16 @@ def patch_labels(path: str | Path, pixel_values: Callable[[list], torch.Tensor],
         The labels.
     """
     path = Path(path)
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+        categories = {c["id"]: c["name"] for c in data["categories"]}
+        by_image: dict[int, list[dict]] = {}
+        for ann in data["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        images = data["images"][:limit]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a COCO instances file ({type(err).__name__}: {err})") from None
     root = Path(image_root) if image_root else path.parent
-    categories = {c["id"]: c["name"] for c in data["categories"]}
-    by_image: dict[int, list[dict]] = {}
-    for ann in data["annotations"]:
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    images = data["images"][:limit]
     attributes = sorted({k for a in data["annotations"] for k in a.get("attributes", {})})
     names = vocab.names if vocab else {f: [BACKGROUND] for f in ("category", *attributes, "side")}
     phrase_names = vocab.phrase_names if vocab else [BACKGROUND]
