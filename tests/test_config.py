@@ -51,3 +51,15 @@ def test_dict_round_trip():
     cfg = load_config("tiny", ["training.loss_weights={gdino: 2.0}"])
     again = config_from_dict(VLLM2Config, config_to_dict(cfg))
     assert again == cfg
+
+
+def test_a_null_in_a_file_restores_the_default_over_its_base(tmp_path):
+    (tmp_path / "stage.yaml").write_text(
+        "base: tiny\ntraining: {lr_multipliers: null, loss_weights: {gdino: 0.5}}\ndecoders: {sd: null}\n")
+    (tmp_path / "base.yaml").write_text("base: tiny\ntraining: {lr_multipliers: {llm: 0.1}}\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\ntraining: {lr_multipliers: null}\n")
+    cfg = load_config(tmp_path / "stage.yaml")
+    assert cfg.training.lr_multipliers == {} and cfg.training.loss_weights == {"gdino": 0.5}
+    assert "sd" not in cfg.decoders and "ip2p" in cfg.decoders
+    assert load_config(tmp_path / "base.yaml").training.lr_multipliers == {"llm": 0.1}
+    assert load_config(tmp_path / "top.yaml").training.lr_multipliers == {}

@@ -85,6 +85,23 @@ def test_stage_recipes_load_and_freeze_what_they_say():
     assert "llm" in stage3.training.freeze and stage3.data == stage2.data
 
 
+def test_shapes_stages_chain_and_stage3_trains_only_the_decoders():
+    from pathlib import Path
+
+    from vllm2 import build_model, load_config
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "shapes"
+    stages = [load_config(folder / f"stage{n}.yaml", ["vision.pretrained=null"]) for n in (1, 2, 3)]
+    assert stages[0].decoders == {} and stages[0].training.lr_multipliers == {} and stages[0].training.init_from is None
+    for previous, stage in zip(stages, stages[1:]):
+        assert stage.training.init_from == f"{previous.training.output_dir}/final"
+    assert all(s.vision.backend == "open_clip" and s.vision.freeze for s in stages)
+    model = build_model(stages[2])
+    apply_freeze(model, stages[2].training.freeze)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"gdino", "keypoint", "sd", "ip2p"}
+
+
 def test_init_from_a_stage_without_decoders_keeps_the_new_decoders_and_takes_the_rest(tmp_path):
     import torch
 

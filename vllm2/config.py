@@ -283,7 +283,8 @@ def _apply_override(data: dict, override: str) -> None:
 def load_config(path_or_preset: str | Path = "tiny", overrides: list[str] | None = None) -> VLLM2Config:
     """Load a YAML config (a file path or a preset name from ``configs/``) and apply ``a.b=c`` overrides.
 
-    A YAML file may name a base with ``base: <preset or path>``; its keys are merged over the base recursively.
+    A YAML file may name a base with ``base: <preset or path>``; its keys are merged over the base recursively, and a
+    key it sets to null takes its default again (``training: {lr_multipliers: null}``).
 
     Args:
         path_or_preset: file path or preset name (``tiny``, ``vllmv2-7b``, ``shapes``).
@@ -309,7 +310,12 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, mappings recursively; a key ``top`` sets to null is dropped (its default applies; a
+    decoder set to null is not built)."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
