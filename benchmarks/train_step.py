@@ -1,9 +1,11 @@
-"""One training step of the shapes recipe, profiled by component, and the stage-2 step against the old recipe's.
+"""One training step of the shapes recipe, profiled by component, and the stage-2 step against the single-run one.
 
 ``--profile CONFIG [a.b=c ...]``: runs ``--steps`` steps of the config's mixture (task-aligned batches, as training
-draws them) and prints one JSON object with the mean seconds per step spent in data preparation (dataset items and
-collation), each top-level module's forward and backward (module hooks: the vision tower, the bridge, the LLM, each
-decoder; ``other`` is the rest: splice, gather, losses), and the optimizer step.
+draws them, the config's freezing applied) and prints one JSON object with the mean seconds per step spent in data
+preparation (dataset items and collation), each top-level module's forward (module hooks: the vision tower, the
+bridge, the LLM, each decoder), the backward pass (``heads.backward``: the LM head's and the decoders';
+``llm.backward``: the LLM's), ``other`` (the rest of forward and backward: splice, gather, losses) and the optimizer
+step.
 
 Without ``--profile``: the speedup of the staged recipe's stage-2 step (``configs/shapes/stage2.yaml``: the stage-0
 tower frozen) over the single-run recipe's step (``configs/shapes.yaml``: the same sizes, the ViT trained from scratch
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm2 import VisionLLMv2Processor, build_model, load_config  # noqa: E402
 from vllm2.data import Collator, build_mixture  # noqa: E402
-from vllm2.training import TaskAlignedBatchSampler, param_groups  # noqa: E402
+from vllm2.training import TaskAlignedBatchSampler, apply_freeze, param_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE2, SINGLE = str(ROOT / "configs/shapes/stage2.yaml"), str(ROOT / "configs/shapes.yaml")
@@ -46,6 +48,7 @@ class Step:
         torch.manual_seed(0)
         self.model = build_model(cfg).train()
         self.model.load_pretrained_components()
+        apply_freeze(self.model, cfg.training.freeze)
         processor = VisionLLMv2Processor.from_config(cfg)
         self.dataset = build_mixture(cfg, processor.routes)
         self.collate = Collator(processor, cfg.training.max_length)
@@ -67,7 +70,7 @@ class Step:
         backward = time.perf_counter()
         if self.marks and "llm" in self.marks:  # hooked, and the LLM took part in the backward pass
             llm, embeds = self.marks.pop("llm"), self.marks.pop("embeds", backward)
-            self.times["decoders.backward"] += llm - forward
+            self.times["heads.backward"] += llm - forward
             self.times["llm.backward"] += embeds - llm
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.5)
         self.optimizer.step()
@@ -90,8 +93,8 @@ def _hook_modules(step: Step) -> None:
     """Time each top-level module's forward (``<name>.forward``) and the LLM's backward into ``step.times``.
 
     The LLM's backward runs from the gradient reaching its output to the gradient leaving through its input embeddings
-    (tensor hooks); everything before it in the backward pass belongs to the decoders (``decoders.backward``): their
-    losses are summed, so their backward passes interleave and are timed together."""
+    (tensor hooks); everything before it in the backward pass is the heads' (``heads.backward``: the LM head and the
+    decoders, whose losses are summed, so their backward passes interleave and are timed together)."""
     marks: dict[str, float] = {}
 
     def pre(mod: Any, args: Any, kwargs: Any) -> None:
