@@ -13,9 +13,10 @@ from PIL import Image
 from vllm2 import VisionLLMv2Processor, build_model, load_config
 from vllm2.cli.tower import main as tower_main
 from vllm2.tower import _unique_draw, fit_probe, patch_labels, pretrain_tower, tower_features
+from vllm2.vision import create_open_clip
 
 OVERRIDES = ["vision.backend=open_clip", "vision.open_clip_model=vllm2-tiny-vit", "vision.image_mode=resize",
-             "vision.freeze=false"]
+             "vision.freeze=true"]  # frozen for the stages after stage 0, which trains it all the same
 # (image, category, colour, xyxy rectangle in pixels of a 56-pixel image; the patch grid is 4 x 4 of 14 pixels)
 OBJECTS = [
     (0, 1, "red", (0, 0, 28, 28)),  # patches (0,0) (0,1) (1,0) (1,1): left
@@ -97,6 +98,9 @@ def test_stage0_overfits_and_its_checkpoint_loads_exactly_through_vision_pretrai
     state = torch.load(tmp_path / "s0" / "tower.pt", weights_only=True)["state_dict"]
     for name, value in model.vis_encoder.visual.state_dict().items():
         assert torch.equal(value, state[f"visual.{name}"]), name
+    torch.manual_seed(0)  # pretrain_tower's seed: the tower as it started
+    initial = create_open_clip(cfg.vision).visual.conv1.weight
+    assert not torch.equal(initial, state["visual.conv1.weight"])  # the (frozen-configured) tower itself trained
 
 
 def test_linear_probe_reads_separable_features_and_not_xor():
@@ -111,7 +115,7 @@ def test_linear_probe_reads_separable_features_and_not_xor():
 
 def test_tower_features_are_the_towers_output_in_eval_mode(labelled):
     cfg, _, data = labelled
-    tower = build_model(load_config("tiny", OVERRIDES)).vis_encoder.train()
+    tower = build_model(load_config("tiny", [*OVERRIDES, "vision.freeze=false"])).vis_encoder.train()
     features = tower_features(tower, data.pixels, batch_size=1)
     assert not tower.training
     torch.testing.assert_close(features, tower(data.pixels)[0])

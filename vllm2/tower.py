@@ -148,6 +148,7 @@ class PatchPhraseModel(nn.Module):
         self.clip = create_open_clip(cfg)
         self.initial_state = dict(self.clip.state_dict())  # keeps trimmed ResNet stages for a strict reload
         self.tower = VisionTower(cfg, num_levels=0, visual=self.clip.visual)
+        self.tower.set_frozen(False)  # vision.freeze is for the stages after this one
         self.head = nn.Linear(cfg.hidden_size, self.clip.text_projection.shape[-1])
         self.loss = ClipLoss()
 
