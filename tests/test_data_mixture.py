@@ -118,7 +118,6 @@ def test_config_errors_name_the_key(data, message):
 
 
 def test_two_loader_workers_give_the_batches_of_none(cfg):
-    import torch
     from torch.utils.data import DataLoader
 
     from vllm2 import VisionLLMv2Processor

@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["PatchLabels", "fit_probe", "patch_labels", "pretrain_tower", "probe_tower", "tower_features"]
 
 BACKGROUND = "background"
-PROBE_FIELDS = ("category", "colour", "size", "side")  # what the probe reads from the object under each patch
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -223,6 +222,8 @@ def pretrain_tower(cfg: VisionConfig, train: PatchLabels, out: str | Path, steps
     if held_out is not None:
         summary["held_out_phrase_accuracy"] = _zero_shot(model.eval(), held_out, tokens)
     (out / "stage0.json").write_text(json.dumps(summary, indent=1) + "\n")
+    logger.info("stage 0: %d steps in %.0f s, loss %.3f -> %.3f; wrote %s", steps, summary["seconds"], losses[0],
+                summary["last_loss"], out / "tower.pt")
     return summary
 
 
