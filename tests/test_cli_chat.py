@@ -109,7 +109,8 @@ def test_help(capsys):
     assert main(["no-such-command"]) == 2
     assert "subcommands:" in capsys.readouterr().out
     for command, flags in [("chat", ["--prompt", "--image", "--json", "REPL"]),
-                           ("demo", ["--host", "127.0.0.1", "--port", "--max-file-size", "UNTRAINED"])]:
+                           ("demo", ["--host", "127.0.0.1", "--port", "--max-file-size", "UNTRAINED"]),
+                           ("tower", ["pretrain", "probe", "ClipLoss", "vision.pretrained"])]:
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
