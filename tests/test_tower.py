@@ -67,15 +67,23 @@ def test_each_patch_takes_the_object_under_its_centre_the_smaller_in_front(label
     assert torch.equal(data.pixels, processor.pixel_values([tmp_path / "0.png", tmp_path / "1.png"]))
 
 
-def test_a_held_out_split_must_use_the_training_classes(labelled, tmp_path):
+def test_a_held_out_split_keeps_the_training_indices_and_appends_what_it_lacks(labelled, tmp_path):
     _, processor, data = labelled
+    colours, phrases = list(data.names["colour"]), list(data.phrase_names)
     other = tmp_path / "other"
     other.mkdir()
     path = _write(other)
     record = json.loads(path.read_text())
     record["annotations"][0]["attributes"]["colour"] = "green"
     path.write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="colour.*'green'"):
+    held_out = patch_labels(path, processor.pixel_values, 4, vocab=data)
+    assert held_out.names["colour"] == [*colours, "green"] and held_out.names is data.names
+    assert held_out.phrase_names == [*phrases, "green square on the left"]
+    assert held_out.fields["colour"][0, 0] == len(colours) and held_out.phrases[0, 0] == len(phrases)
+    assert torch.equal(held_out.phrases[1], data.phrases[1])  # the unchanged image: the same indices
+    record["annotations"][0]["attributes"] = {"colour": "red", "texture": "striped"}
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="texture"):
         patch_labels(path, processor.pixel_values, 4, vocab=data)
 
 

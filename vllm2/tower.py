@@ -80,7 +80,9 @@ def patch_labels(path: str | Path, pixel_values: Callable[[list], torch.Tensor],
         grid: patches per side (``image_size // patch_size``).
         limit: read only the first images.
         image_root: folder of ``file_name`` (default: the JSON's folder).
-        vocab: reuse the class and phrase lists of another split (a held-out split must index them the same way).
+        vocab: share the class and phrase lists of another split (a held-out split indexes classes as the training
+            split does): its classes keep their indices, and values it lacks are appended to the shared lists (the
+            zero-shot phrase accuracy can score them; a probe never predicts them).
     Returns:
         The labels.
     """
@@ -97,6 +99,8 @@ def patch_labels(path: str | Path, pixel_values: Callable[[list], torch.Tensor],
     root = Path(image_root) if image_root else path.parent
     attributes = sorted({k for a in data["annotations"] for k in a.get("attributes", {})})
     names = vocab.names if vocab else {f: [BACKGROUND] for f in ("category", *attributes, "side")}
+    if set(attributes) - set(names):
+        raise ValueError(f"{path}: attributes {sorted(set(attributes) - set(names))} are not in the training split")
     phrase_names = vocab.phrase_names if vocab else [BACKGROUND]
     fields = {f: np.zeros((len(images), grid * grid), np.int64) for f in names}
     phrases = np.zeros((len(images), grid * grid), np.int64)
@@ -109,18 +113,17 @@ def patch_labels(path: str | Path, pixel_values: Callable[[list], torch.Tensor],
                       "side": "left" if x + w / 2 < info["width"] / 2 else "right"}
             where = owner == k
             for field, value in values.items():
-                fields[field][i, where] = _index(names[field], value, vocab is None, f"{path}: {field}")
+                fields[field][i, where] = _index(names[field], value)
             words = [*(values[a] for a in attributes if a in values), values["category"], "on the", values["side"]]
-            phrases[i, where] = _index(phrase_names, " ".join(words), vocab is None, f"{path}: phrase")
+            phrases[i, where] = _index(phrase_names, " ".join(words))
     pixels = pixel_values([load_image(root / info["file_name"]) for info in images])
     return PatchLabels(pixels, {f: torch.from_numpy(v) for f, v in fields.items()}, names,
                        torch.from_numpy(phrases), phrase_names)
 
 
-def _index(names: list[str], value: str, grow: bool, where: str) -> int:
+def _index(names: list[str], value: str) -> int:
+    """The index of ``value`` in ``names``, appended first if new."""
     if value not in names:
-        if not grow:
-            raise ValueError(f"{where}: {value!r} is not among the training split's classes {names}")
         names.append(value)
     return names.index(value)
 
