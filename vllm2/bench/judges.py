@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from superlink import RouteTable
 
+from ..data.annotations import decode_segmentation
 from ..shapes import dominant_colour, edit_correct, shape_class
-from .metrics_ground import aligned_box_iou, mask_counts, match_instances, pck, top1
+from .metrics_ground import aligned_box_iou, mask_counts, match_instances, pck, to_numpy, top1
 from .metrics_semseg import label_map_from_masks
 from .metrics_text import caption_tokens, vqa_score
 from .runner import from_chat
@@ -68,13 +68,9 @@ class Verdict:
     reason: str
 
 
-def _np(value: Any) -> np.ndarray:
-    return np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
-
-
 def _decode(rle: Mapping[str, Any]) -> np.ndarray:
-    """A COCO RLE (``counts`` as a string) as a bool ``[H, W]`` mask."""
-    return mask_utils.decode({"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}).astype(bool)
+    """A COCO RLE of an ``expect`` field as a bool ``[H, W]`` mask."""
+    return decode_segmentation(rle, *rle["size"], field="expect mask")
 
 
 def _phrase(phrases: list[str] | None, label: int) -> str | None:
@@ -108,10 +104,10 @@ def judge_detect(out: DecoderPrediction, expect: Mapping[str, Any]) -> Verdict:
     """Every ``expect["objects"]`` entry (``category``, xyxy ``box``, ``phrase``) is found by a box scoring at least
     :data:`MIN_DETECTION_SCORE` with IoU >= 0.5 and its category's phrase."""
     result = out.result
-    scores = _np(result["scores"]).astype(np.float64).reshape(-1)  # [n]
+    scores = to_numpy(result["scores"]).astype(np.float64).reshape(-1)  # [n]
     keep = scores >= MIN_DETECTION_SCORE
-    boxes = _np(result["boxes"]).astype(np.float64).reshape(-1, 4)[keep]  # [k, 4]
-    names = [_phrase(out.phrases, int(label)) for label in _np(result["labels"]).reshape(-1)[keep]]
+    boxes = to_numpy(result["boxes"]).astype(np.float64).reshape(-1, 4)[keep]  # [k, 4]
+    names = [_phrase(out.phrases, int(label)) for label in to_numpy(result["labels"]).reshape(-1)[keep]]
     missed = []
     for obj in expect["objects"]:
         gt = np.repeat(np.asarray(obj["box"], dtype=np.float64)[None], len(boxes), 0)  # [k, 4]
@@ -130,15 +126,15 @@ def _category_masks(out: DecoderPrediction, shape: tuple[int, int]) -> Callable[
     semseg`` paints them."""
     result = out.result
     if result.get("semantic") is not None:
-        groups = _np(result["semantic"]).astype(np.int64)  # [H, W] group index of each pixel
+        groups = to_numpy(result["semantic"]).astype(np.int64)  # [H, W] group index of each pixel
         if groups.shape != shape:
             raise ValueError(f"the semantic map is {groups.shape}, the image {shape}")
         names = [_phrase(out.phrases, g) for g in range(len(out.phrases or []))]
         return lambda name: np.isin(groups, [g for g, n in enumerate(names) if n == normalize_name(name)])
     if result.get("masks") is None:
         raise ValueError("the decoder returned neither a semantic map nor masks")
-    scores = _np(result["scores"]).astype(np.float64).reshape(-1)  # [n]
-    names = [_phrase(out.phrases, int(label)) for label in _np(result["labels"]).reshape(-1)]
+    scores = to_numpy(result["scores"]).astype(np.float64).reshape(-1)  # [n]
+    names = [_phrase(out.phrases, int(label)) for label in to_numpy(result["labels"]).reshape(-1)]
     vocabulary = sorted({n for n in names if n is not None})
     threshold = TaskOptions().mask_score_threshold
     classes = [vocabulary.index(n) + 1 if n is not None and s > threshold else None for n, s in zip(names, scores)]
@@ -180,7 +176,7 @@ def judge_find(out: DecoderPrediction, expect: Mapping[str, Any]) -> Verdict:
         if box is None:
             return Verdict(False, "no instance found")
         gt = np.asarray(expect["box"], dtype=np.float64)[None]  # [1, 4]
-        iou, what = float(aligned_box_iou(_np(box).astype(np.float64).reshape(1, 4), gt)[0]), "box"
+        iou, what = float(aligned_box_iou(to_numpy(box).astype(np.float64).reshape(1, 4), gt)[0]), "box"
     name = expect.get("phrase", expect["expression"])
     verdict = "found" if iou >= IOU_THRESHOLD else "not found"
     return Verdict(iou >= IOU_THRESHOLD, f"the {name} {verdict}: top-1 {what} IoU {iou:.2f} (>= {IOU_THRESHOLD})")

@@ -18,6 +18,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .metrics_ground import to_numpy
+
 __all__ = [
     "BOX_STATS",
     "COCO_KEYPOINT_NAMES",
@@ -49,13 +51,6 @@ COCO_KEYPOINT_SIGMAS = (
 )
 # Used for skeletons without known sigmas: the mean of the COCO sigmas.
 UNIFORM_KEYPOINT_SIGMA = float(np.mean(COCO_KEYPOINT_SIGMAS))
-
-
-def _np(value: Any) -> np.ndarray:
-    """A numpy copy of a tensor / array / list."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
 
 
 @contextlib.contextmanager
@@ -122,15 +117,15 @@ def detections_to_coco(
     Returns:
         Records with ``image_id``, ``category_id``, ``bbox`` (xywh), ``score`` and optionally ``segmentation``.
     """
-    keep, cats = _mapped(_np(pred["labels"]).reshape(-1).astype(np.int64), category_ids)
-    boxes = _xyxy_to_xywh(_np(pred["boxes"]).reshape(-1, 4)[keep])  # [n, 4]
-    scores = _np(pred["scores"]).reshape(-1)[keep].astype(np.float64)  # [n]
+    keep, cats = _mapped(to_numpy(pred["labels"]).reshape(-1).astype(np.int64), category_ids)
+    boxes = _xyxy_to_xywh(to_numpy(pred["boxes"]).reshape(-1, 4)[keep])  # [n, 4]
+    scores = to_numpy(pred["scores"]).reshape(-1)[keep].astype(np.float64)  # [n]
     records = [{"image_id": int(image_id), "category_id": cat, "bbox": box.tolist(), "score": float(score)}
                for cat, box, score in zip(cats, boxes, scores)]
     if with_masks and records:
         if pred.get("masks") is None:
             raise ValueError("segmentation results need 'masks' in the prediction")
-        for record, rle in zip(records, _encode_masks(_np(pred["masks"]).astype(bool)[keep])):
+        for record, rle in zip(records, _encode_masks(to_numpy(pred["masks"]).astype(bool)[keep])):
             record["segmentation"] = rle
     return records
 
@@ -145,10 +140,10 @@ def keypoints_to_coco(image_id: int, pred: Mapping[str, Any], category_ids: Sequ
     Returns:
         Records with ``image_id``, ``category_id``, ``keypoints`` (flat x, y, v) and ``score``.
     """
-    keep, cats = _mapped(_np(pred["labels"]).reshape(-1).astype(np.int64), category_ids)
-    keypoints = _np(pred["keypoints"]).astype(np.float64)
+    keep, cats = _mapped(to_numpy(pred["labels"]).reshape(-1).astype(np.int64), category_ids)
+    keypoints = to_numpy(pred["keypoints"]).astype(np.float64)
     keypoints = keypoints.reshape(len(keypoints), -1, 3)[keep]  # [n, Kp, 3]
-    scores = _np(pred["scores"]).reshape(-1)[keep].astype(np.float64)  # [n]
+    scores = to_numpy(pred["scores"]).reshape(-1)[keep].astype(np.float64)  # [n]
     return [{"image_id": int(image_id), "category_id": cat, "keypoints": kpts.reshape(-1).tolist(),
              "score": float(score)} for cat, kpts, score in zip(cats, keypoints, scores)]
 
@@ -254,11 +249,11 @@ def coco_gt_from_targets(
         raise ValueError(f"{len(images)} images, {len(targets)} targets, {len(category_ids)} category lists")
     annotations: list[dict[str, Any]] = []
     for (image_id, _, _), target, cats in zip(images, targets, category_ids):
-        labels = _np(target["labels"]).reshape(-1).astype(np.int64)
-        boxes = _xyxy_to_xywh(_np(target["boxes"]).reshape(-1, 4))  # [N, 4]
-        masks = _np(target["masks"]).astype(bool) if target.get("masks") is not None else None
+        labels = to_numpy(target["labels"]).reshape(-1).astype(np.int64)
+        boxes = _xyxy_to_xywh(to_numpy(target["boxes"]).reshape(-1, 4))  # [N, 4]
+        masks = to_numpy(target["masks"]).astype(bool) if target.get("masks") is not None else None
         rles = _encode_masks(masks) if masks is not None and len(masks) else [None] * len(labels)
-        keypoints = _np(target["keypoints"]) if target.get("keypoints") is not None else None
+        keypoints = to_numpy(target["keypoints"]) if target.get("keypoints") is not None else None
         for i, (label, box, rle) in enumerate(zip(labels.tolist(), boxes, rles)):
             ann = {"id": len(annotations) + 1, "image_id": int(image_id), "category_id": int(cats[label]),
                    "bbox": box.tolist(), "iscrowd": 0,

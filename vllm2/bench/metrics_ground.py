@@ -9,10 +9,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["aligned_box_iou", "iou_summary", "mask_counts", "pck", "rec_accuracy", "res_iou", "top1"]
+__all__ = ["aligned_box_iou", "iou_summary", "mask_counts", "pck", "rec_accuracy", "res_iou", "to_numpy", "top1"]
 
 
-def _np(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
+    """A tensor (detached, on the CPU), array or list as a numpy array."""
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
@@ -22,8 +23,8 @@ def top1(pred: Mapping[str, Any] | None, key: str) -> np.ndarray | None:
     """The ``key`` entry (``boxes``, ``masks``, ``keypoints``) of the highest-scoring instance, or None when empty."""
     if pred is None or pred.get(key) is None or len(pred["scores"]) == 0:
         return None
-    best = int(_np(pred["scores"]).reshape(-1).argmax())
-    return _np(pred[key])[best]
+    best = int(to_numpy(pred["scores"]).reshape(-1).argmax())
+    return to_numpy(pred[key])[best]
 
 
 def aligned_box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -52,12 +53,12 @@ def match_instances(pred_boxes: Any, pred_scores: Any, gt_boxes: Any) -> list[in
     Returns:
         Per ground-truth instance the index of its prediction, or None.
     """
-    pred = _np(pred_boxes).astype(np.float64).reshape(-1, 4)
-    gt = _np(gt_boxes).astype(np.float64).reshape(-1, 4)
+    pred = to_numpy(pred_boxes).astype(np.float64).reshape(-1, 4)
+    gt = to_numpy(gt_boxes).astype(np.float64).reshape(-1, 4)
     n, m = len(pred), len(gt)
     ious = aligned_box_iou(np.repeat(pred, m, 0), np.tile(gt, (n, 1))).reshape(n, m)  # [n, m]
     match: list[int | None] = [None] * m
-    for i in np.argsort(-_np(pred_scores).reshape(-1), kind="stable"):
+    for i in np.argsort(-to_numpy(pred_scores).reshape(-1), kind="stable"):
         free = [j for j in range(m) if match[j] is None and ious[i, j] > 0]
         if free:
             match[max(free, key=lambda j: ious[i, j])] = int(i)
@@ -78,15 +79,15 @@ def rec_accuracy(pred_boxes: Sequence[Any | None], gt_boxes: Sequence[Any], thre
     if not gt_boxes:
         return 0.0
     hit = np.array([p is not None for p in pred_boxes])
-    pred = np.stack([_np(p).reshape(4) if p is not None else np.zeros(4) for p in pred_boxes]).astype(np.float64)
-    gt = np.stack([_np(g).reshape(4) for g in gt_boxes]).astype(np.float64)  # [N, 4]
+    pred = np.stack([to_numpy(p).reshape(4) if p is not None else np.zeros(4) for p in pred_boxes]).astype(np.float64)
+    gt = np.stack([to_numpy(g).reshape(4) for g in gt_boxes]).astype(np.float64)  # [N, 4]
     return float(((aligned_box_iou(pred, gt) >= threshold) & hit).mean())
 
 
 def mask_counts(pred: Any | None, gt: Any) -> tuple[int, int]:
     """Intersection and union pixel counts of one predicted mask (None: empty) and its ground truth ``[H, W]``."""
-    gt = _np(gt).astype(bool)
-    pred = np.zeros_like(gt) if pred is None else _np(pred).astype(bool)
+    gt = to_numpy(gt).astype(bool)
+    pred = np.zeros_like(gt) if pred is None else to_numpy(pred).astype(bool)
     if pred.shape != gt.shape:
         raise ValueError(f"predicted mask {pred.shape} but ground truth {gt.shape}")
     return int((pred & gt).sum()), int((pred | gt).sum())
@@ -142,13 +143,13 @@ def pck(
         raise ValueError(f"{len(pred_keypoints)} predictions, {len(gt_keypoints)} instances, {len(gt_boxes)} boxes")
     correct, total = 0, 0
     for pred, gt, box in zip(pred_keypoints, gt_keypoints, gt_boxes):
-        gt = _np(gt).astype(np.float64)  # [Kp, 3]
-        box = _np(box).astype(np.float64).reshape(4)
+        gt = to_numpy(gt).astype(np.float64)  # [Kp, 3]
+        box = to_numpy(box).astype(np.float64).reshape(4)
         visible = gt[:, 2] > 0  # [Kp]
         total += int(visible.sum())
         if pred is None:
             continue
-        pred = _np(pred).astype(np.float64)[:, :2]  # [Kp, 2]
+        pred = to_numpy(pred).astype(np.float64)[:, :2]  # [Kp, 2]
         if pred.shape[0] != gt.shape[0]:
             raise ValueError(f"{pred.shape[0]} predicted keypoints for {gt.shape[0]} ground-truth keypoints")
         dist = np.linalg.norm(pred - gt[:, :2], axis=1)  # [Kp]

@@ -15,15 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .metrics_ground import to_numpy
+
 __all__ = ["IGNORE_INDEX", "label_map_from_masks", "semseg_counts", "semseg_metrics"]
 
 IGNORE_INDEX = 255
-
-
-def _np(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
 
 
 def semseg_counts(
@@ -40,7 +36,7 @@ def semseg_counts(
     Returns:
         ``inter``, ``pred_area`` and ``label_area``, each ``[num_classes]`` int64.
     """
-    pred, label = _np(pred).astype(np.int64), _np(label).astype(np.int64)
+    pred, label = to_numpy(pred).astype(np.int64), to_numpy(label).astype(np.int64)
     if pred.shape != label.shape:
         raise ValueError(f"predicted label map is {pred.shape} but the ground truth is {label.shape}")
     valid = label != ignore_index  # [H, W]
@@ -115,7 +111,7 @@ def label_map_from_masks(
     Returns:
         ``[H, W]`` int64 class indices.
     """
-    masks, scores = _np(masks).astype(bool), _np(scores).astype(np.float64).reshape(-1)
+    masks, scores = to_numpy(masks).astype(bool), to_numpy(scores).astype(np.float64).reshape(-1)
     if len(masks) != len(scores) or len(scores) != len(classes):
         raise ValueError(f"{len(masks)} masks, {len(scores)} scores and {len(classes)} classes")
     if len(masks) and masks.shape[1:] != tuple(shape):
