@@ -143,3 +143,48 @@ def test_a_frozen_resnet_tower_keeps_its_batch_norm_statistics():
     model.train()
     model.vis_encoder(torch.randn(2, 3, 64, 64))
     assert bn.training and not torch.equal(bn.running_mean, before)
+
+
+def _saved_llama(folder) -> "LlamaForCausalLM":
+    """A tiny Llama folder as transformers saves one (weights + tokenizer), vocabulary without the special tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm2.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(3)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=False))
+    llm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return llm
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_pretrained_llm_folder_loads_with_and_without_lora(tmp_path, lora):
+    source = _saved_llama(tmp_path / "llama")
+    model = build_model(load_config("tiny", [f"llm.pretrained={tmp_path / 'llama'}", f"llm.lora.enabled={lora}"]))
+    model.load_pretrained_components()
+    llm = model.llm.get_base_model() if lora else model.llm
+    n = source.config.vocab_size
+    embeddings = llm.get_input_embeddings().weight
+    assert embeddings.shape[0] > n  # the special tokens were added
+    assert torch.equal(embeddings[:n], source.get_input_embeddings().weight)
+    torch.testing.assert_close(embeddings[n:], source.get_input_embeddings().weight.mean(0).expand(
+        embeddings.shape[0] - n, -1), atol=0.05, rtol=0)  # mean resizing samples around the mean
+    for name in ("model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"):
+        layer = llm.get_submodule(name)
+        wrapped = lora and name != "lm_head"
+        expected = source.get_submodule(name).weight
+        assert torch.equal((layer.base_layer if wrapped else layer).weight[:len(expected)], expected), name
+    if lora:
+        assert all(p.requires_grad == ("lora_" in n) for n, p in model.llm.named_parameters())
+
+
+def test_a_folder_of_the_wrong_kind_as_llm_is_named(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=56, patch_size=14)).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="llm.pretrained: .*'clip_vision_model' model, not a causal LM"):
+        build_model(load_config("tiny", [f"llm.pretrained={tmp_path / 'clip'}"]))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
@@ -58,15 +59,12 @@ class VisionLLMv2Config(PretrainedConfig):
         return config_from_dict(VLLM2Config, self.vllm2)
 
 
-def _llm_config(cfg: VLLM2Config, vocab_size: int) -> PretrainedConfig:
-    """The LLM's config: read from the local folder when ``llm.pretrained`` is set, else a Llama of the given size."""
-    if cfg.llm.pretrained:
-        if not Path(cfg.llm.pretrained).is_dir():
-            raise FileNotFoundError(f"LLM folder {cfg.llm.pretrained!r} (config key llm.pretrained) does not exist")
-        llm_cfg = AutoConfig.from_pretrained(cfg.llm.pretrained, local_files_only=True)
-    else:
-        llm_cfg = LlamaConfig(
-            vocab_size=vocab_size,
+def _llm_config(cfg: VLLM2Config) -> PretrainedConfig:
+    """The LLM's config: read from the local folder when ``llm.pretrained`` is set (which must hold a causal LM),
+    else a Llama of the given size. The vocabulary size is set later, from the tokenizer."""
+    folder = cfg.llm.pretrained
+    if not folder:
+        return LlamaConfig(
             hidden_size=cfg.llm.hidden_size,
             intermediate_size=cfg.llm.intermediate_size,
             num_hidden_layers=cfg.llm.num_layers,
@@ -75,7 +73,12 @@ def _llm_config(cfg: VLLM2Config, vocab_size: int) -> PretrainedConfig:
             max_position_embeddings=cfg.llm.max_position_embeddings,
             tie_word_embeddings=False,
         )
-    llm_cfg.vocab_size = vocab_size
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"LLM folder {folder!r} (config key llm.pretrained) does not exist")
+    llm_cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if llm_cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"config key llm.pretrained: {folder!r} holds a {llm_cfg.model_type!r} model, not a causal "
+                         "LM (a Llama, Vicuna, Qwen2, ... folder)")
     return llm_cfg
 
 
@@ -86,10 +89,11 @@ def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
     Use :meth:`VisionLLMv2Model.load_pretrained_components` to load component weights from local folders.
     """
     routes, text_link = cfg.route_table(), cfg.text_link()
+    llm_cfg = _llm_config(cfg)
     tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, text_link=text_link)
     names = [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
     token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in names}
-    llm_cfg = _llm_config(cfg, len(tokenizer))
+    llm_cfg.vocab_size = len(tokenizer)
     config = VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm_cfg.to_dict(), token_ids=token_ids)
     return VisionLLMv2Model(config)
 
@@ -212,9 +216,7 @@ class VisionLLMv2Model(PreTrainedModel):
         if cfg.vision.pretrained:
             self.vis_encoder.load_pretrained(cfg.vision.pretrained)
         if cfg.llm.pretrained:
-            llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, local_files_only=True)
-            llm.resize_token_embeddings(self.llm.get_input_embeddings().num_embeddings, mean_resizing=True)
-            self.llm.load_state_dict(llm.state_dict())
+            self._load_pretrained_llm(cfg.llm.pretrained)
         tokenizer = None
         for name in self.decoder_names:
             decoder = getattr(self, name)
@@ -224,6 +226,20 @@ class VisionLLMv2Model(PreTrainedModel):
             if getattr(cfg.decoders[name], "text_tokenizer", None) == "llm":
                 tokenizer = tokenizer or load_tokenizer(*cfg.tokenizer_source(), routes=self.routes)
                 decoder.set_tokenizer(tokenizer)
+
+    def _load_pretrained_llm(self, folder: str) -> None:
+        """Copy a causal-LM folder's weights into the LLM (new token rows mean-initialised). With LoRA applied, the
+        weights go under its wrapped layers (``….q_proj.base_layer.weight``) and the adapters keep their init."""
+        source = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        source.resize_token_embeddings(self.llm.get_input_embeddings().num_embeddings, mean_resizing=True)
+        state = source.state_dict()
+        target = self.llm.get_base_model() if hasattr(self.llm, "peft_config") else self.llm
+        plain = {key: key.replace(".base_layer.", ".") for key in target.state_dict() if "lora_" not in key}
+        missing = [key for key in plain.values() if key not in state]
+        if missing:
+            raise ValueError(f"config key llm.pretrained: {folder!r} lacks {len(missing)} tensors of the configured "
+                             f"LLM, e.g. {missing[:3]} (is it a causal-LM folder?)")
+        target.load_state_dict({key: state[name] for key, name in plain.items()}, strict=False)
 
     # -------------------------------------------------------------------------------------------- embedding
 
