@@ -63,3 +63,14 @@ def test_a_null_in_a_file_restores_the_default_over_its_base(tmp_path):
     assert "sd" not in cfg.decoders and "ip2p" in cfg.decoders
     assert load_config(tmp_path / "base.yaml").training.lr_multipliers == {"llm": 0.1}
     assert load_config(tmp_path / "top.yaml").training.lr_multipliers == {}
+
+
+def test_deepspeed_config_by_file_or_shipped_name(tmp_path):
+    from vllm2.config import CONFIG_DIR, resolve_deepspeed
+
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert resolve_deepspeed(str(own)) == str(own)
+    assert resolve_deepspeed("zero3_offload") == str(CONFIG_DIR / "deepspeed" / "zero3_offload.json")
+    with pytest.raises(FileNotFoundError, match=r"training.deepspeed: 'zero9' .*\['zero2', 'zero3', 'zero3_offload'\]"):
+        resolve_deepspeed("zero9")

@@ -13,7 +13,8 @@ import yaml
 
 from superlink import RouteTable, TextLink
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # where a wheel puts the repository's configs/
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 __all__ = [
     "VisionConfig",
@@ -139,7 +140,7 @@ class TrainingConfig:
     ema_decay: float = 0.0  # > 0: also export the moving average of the weights to OUTPUT_DIR/final-ema
     logging_steps: int = 10
     save_steps: int = 500
-    deepspeed: str | None = None
+    deepspeed: str | None = None  # a DeepSpeed JSON file, or a shipped one by name: zero2, zero3, zero3_offload
     dataloader_num_workers: int = 4  # processes reading images and building batches (0: in the training process)
     skip_bad_records: bool = False
 
@@ -265,6 +266,18 @@ def _resolve(path_or_preset: str | Path) -> Path:
         return preset
     presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     raise FileNotFoundError(f"config {str(path_or_preset)!r} is neither a file nor a preset (presets: {presets})")
+
+
+def resolve_deepspeed(value: str) -> str:
+    """``training.deepspeed``: a JSON file, or the name of a shipped one (``zero2``, ``zero3``, ``zero3_offload``)."""
+    if Path(value).is_file():
+        return value
+    shipped = CONFIG_DIR / "deepspeed" / f"{value}.json"
+    if shipped.is_file():
+        return str(shipped)
+    names = sorted(p.stem for p in (CONFIG_DIR / "deepspeed").glob("*.json"))
+    raise FileNotFoundError(f"config key training.deepspeed: {value!r} is neither a file nor a shipped DeepSpeed "
+                            f"config ({names})")
 
 
 def _apply_override(data: dict, override: str) -> None:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .config import VLLM2Config
+from .config import VLLM2Config, resolve_deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def training_arguments(cfg: VLLM2Config) -> TrainingArguments:
         save_strategy="steps",
         seed=t.seed,
         data_seed=t.seed,
-        deepspeed=t.deepspeed,
+        deepspeed=t.deepspeed and resolve_deepspeed(t.deepspeed),
         bf16=cuda,
         use_cpu=not cuda,
         ddp_backend="gloo" if not cuda and distributed else None,

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from .config import VisionConfig
+from .config import CONFIG_DIR, VisionConfig
 
 logger = logging.getLogger(__name__)
 
-OPEN_CLIP_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "open_clip"
+OPEN_CLIP_CONFIG_DIR = CONFIG_DIR / "open_clip"
 
 
 # CLIP ResNet: stride of each block open_clip's forward_intermediates can return (stem, layer1..layer4)
