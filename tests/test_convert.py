@@ -35,7 +35,7 @@ from vllm2.convert import (
     project_config,
     to_official_state_dict,
 )
-from vllm2.modeling import _llm_config
+from vllm2.modeling import llm_config
 from vllm2.region import box_to_mask
 from vllm2.tokenizer import build_tiny_tokenizer
 
@@ -387,9 +387,9 @@ def test_7b_preset_matches_the_official_key_manifest():
     ids = official_token_ids(routes)
     token_ids = {t: ids[t] for t in ("<image>", "<im_patch>", "<region>", *routes.route_tokens,
                                      *routes.placeholder_tokens)}
-    llm_config = _llm_config(cfg)
-    llm_config.vocab_size = 32026
-    model = build_target(cfg, llm_config.to_dict(), token_ids, torch.bfloat16)
+    llm = llm_config(cfg)
+    llm.vocab_size = 32026
+    model = build_target(cfg, llm.to_dict(), token_ids, torch.bfloat16)
     spec = TargetSpec.of(model)
     result = convert_tensors(tensors.items(), spec, torch.bfloat16)
     assert not result.unmapped and not result.unexpected and not result.errors, result.errors[:5]

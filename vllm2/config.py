@@ -89,7 +89,7 @@ class LLMConfig:
 
     pretrained: str | None = None
     tokenizer: str | None = None  # local tokenizer folder; None = the built-in tiny tokenizer
-    vocab_size: int = 32000
+    vocab_size: int = 32000  # read only by `train --dry-run` when the tokenizer folder is absent; else the tokenizer's
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_layers: int = 32

@@ -19,7 +19,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
 import decoders
-from superlink import BoundRoutes, QueryGroups, gather_queries, splice_queries
+from superlink import BoundRoutes, QueryGroups, RouteTable, gather_queries, splice_queries
 
 from .config import VLLM2Config, config_from_dict, config_to_dict
 from .region import RegionEncoder
@@ -28,7 +28,8 @@ from .vision import VisionTower
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VisionLLMv2Config", "VisionLLMv2Model", "VisionLLMv2Output", "build_model"]
+__all__ = ["VisionLLMv2Config", "VisionLLMv2Model", "VisionLLMv2Output", "build_model", "llm_config",
+           "model_token_names"]
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -59,7 +60,7 @@ class VisionLLMv2Config(PretrainedConfig):
         return config_from_dict(VLLM2Config, self.vllm2)
 
 
-def _llm_config(cfg: VLLM2Config) -> PretrainedConfig:
+def llm_config(cfg: VLLM2Config) -> PretrainedConfig:
     """The LLM's config: read from the local folder when ``llm.pretrained`` is set (which must hold a causal LM),
     else a Llama of the given size. The vocabulary size is set later, from the tokenizer."""
     folder = cfg.llm.pretrained
@@ -82,6 +83,11 @@ def _llm_config(cfg: VLLM2Config) -> PretrainedConfig:
     return llm_cfg
 
 
+def model_token_names(routes: RouteTable) -> list[str]:
+    """The special tokens whose ids the model keeps: image, patch and region markers, route tokens, placeholders."""
+    return [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
+
+
 def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
     """Build a randomly initialised model from a project config (never loads weights, never downloads).
 
@@ -89,10 +95,9 @@ def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
     Use :meth:`VisionLLMv2Model.load_pretrained_components` to load component weights from local folders.
     """
     routes, text_link = cfg.route_table(), cfg.text_link()
-    llm_cfg = _llm_config(cfg)
+    llm_cfg = llm_config(cfg)
     tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, text_link=text_link)
-    names = [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
-    token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in names}
+    token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in model_token_names(routes)}
     llm_cfg.vocab_size = len(tokenizer)
     config = VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm_cfg.to_dict(), token_ids=token_ids)
     return VisionLLMv2Model(config)

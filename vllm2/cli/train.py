@@ -6,6 +6,10 @@ itself under ``torchrun`` (default) or the ``deepspeed`` launcher with N process
 On a CPU the processes talk over gloo. Checkpoints go to ``training.output_dir``; ``--resume`` continues from the
 latest one (or the folder given); the final model is exported to ``OUTPUT_DIR/final`` (loadable with
 ``VisionLLMv2Model.from_pretrained``; ZeRO-3 shards are consolidated).
+
+``--dry-run`` trains nothing: it builds the model on the meta device from the config alone (absent weight folders are
+named and the YAML's sizes used) and prints the trainable and frozen parameters of each module and the per-GPU memory
+of model states under ZeRO-2 and ZeRO-3 for ``--nproc`` x ``--nnodes`` GPUs, from DeepSpeed's estimators.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hostfile", help="deepspeed hostfile (with --launcher deepspeed)")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="resume from the latest checkpoint in output_dir, or from the folder given")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="plan only: parameters per module and per-GPU memory of model states (no weights read)")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -67,10 +74,25 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _dry_run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..plan import plan_training
+
+    try:
+        plan = plan_training(load_config(args.config, args.overrides), args.nproc, args.nnodes)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(plan.to_json() if args.json else plan.table())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.dry_run:
+        return _dry_run(args)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch(args, argv)
     import torch
