@@ -105,6 +105,19 @@ def test_two_process_deepspeed_training_resumes_exactly(tmp_path, stage):
         assert again[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), (step, again, full)
 
 
+def test_deepspeed_launcher_with_a_hostfile_trains_as_torchrun_does(tmp_path):
+    """``--launcher deepspeed --hostfile H --no-ssh`` (localhost, 2 slots) against the torchrun path: same losses."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    runs = {name: tmp_path / name for name in ("torchrun", "deepspeed")}
+    _launch(_write_config(tmp_path, runs["torchrun"], steps=3, save=3, deepspeed="zero2"))
+    _launch(_write_config(tmp_path, runs["deepspeed"], steps=3, save=3, deepspeed="zero2"),
+            "--launcher", "deepspeed", "--hostfile", str(hostfile), "--no-ssh")
+    by_torchrun, by_deepspeed = (_losses(run / "checkpoint-3") for run in runs.values())
+    assert sorted(by_deepspeed) == [1, 2, 3]
+    assert by_deepspeed == pytest.approx(by_torchrun, rel=1e-5, abs=1e-6)
+
+
 def test_moving_average_export_follows_the_checkpoints_and_survives_a_resume(tmp_path):
     """final-ema = the EMA (diffusers' schedule: decay 0 at step 1, then min(decay, (1+s)/(10+s)) at step s+1) of
     the weights saved after every step; a single-process run resumed from checkpoint-2 (its weights read back with

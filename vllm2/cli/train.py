@@ -2,7 +2,9 @@
 
 Without ``--nproc`` (or with 1) it runs in this process, which is handy for debugging. With ``--nproc N`` it relaunches
 itself under ``torchrun`` (default) or the ``deepspeed`` launcher with N processes per node; ``--nnodes``,
-``--node-rank``, ``--master-addr``, ``--master-port`` and ``--hostfile`` are passed through for multi-node runs.
+``--node-rank``, ``--master-addr``, ``--master-port`` and ``--hostfile`` are passed through for multi-node runs. With
+the deepspeed launcher and a hostfile, DeepSpeed starts the other nodes over ssh (pdsh), or with ``--no-ssh`` you start
+the same command on each node with its ``--node-rank``.
 On a CPU the processes talk over gloo. Checkpoints go to ``training.output_dir``; ``--resume`` continues from the
 latest one (or the folder given); the final model is exported to ``OUTPUT_DIR/final`` (loadable with
 ``VisionLLMv2Model.from_pretrained``; ZeRO-3 shards are consolidated).
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--master-addr", default="127.0.0.1")
     parser.add_argument("--master-port", type=int, default=29512)
     parser.add_argument("--hostfile", help="deepspeed hostfile (with --launcher deepspeed)")
+    parser.add_argument("--no-ssh", action="store_true",
+                        help="with --hostfile: start this command on every node yourself, each with its --node-rank "
+                             "(DeepSpeed's --no_ssh); without it DeepSpeed starts the other nodes over ssh (pdsh)")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="resume from the latest checkpoint in output_dir, or from the folder given")
     parser.add_argument("--dry-run", action="store_true",
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LAUNCH_FLAGS = ("--nproc", "--launcher", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--hostfile")
+LAUNCH_SWITCHES = ("--no-ssh",)
 
 
 def _strip_launch_flags(argv: list[str]) -> list[str]:
@@ -55,7 +61,7 @@ def _strip_launch_flags(argv: list[str]) -> list[str]:
             skip = False
         elif arg in LAUNCH_FLAGS:
             skip = True
-        elif not arg.startswith(tuple(f"{f}=" for f in LAUNCH_FLAGS)):
+        elif arg not in LAUNCH_SWITCHES and not arg.startswith(tuple(f"{f}=" for f in LAUNCH_FLAGS)):
             out.append(arg)
     return out
 
@@ -68,9 +74,11 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
                f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", f"--master_addr={args.master_addr}",
                f"--master_port={args.master_port}", "-m", "vllm2.cli", "train", *inner]
     else:
-        cmd = ["deepspeed", f"--num_nodes={args.nnodes}", f"--num_gpus={args.nproc}",
-               f"--master_addr={args.master_addr}", f"--master_port={args.master_port}",
-               *([f"--hostfile={args.hostfile}"] if args.hostfile else []), "--module", "vllm2.cli", "train", *inner]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_nodes={args.nnodes}",
+               f"--num_gpus={args.nproc}", f"--master_addr={args.master_addr}", f"--master_port={args.master_port}",
+               *([f"--hostfile={args.hostfile}"] if args.hostfile else []),
+               *(["--no_ssh", f"--node_rank={args.node_rank}"] if args.no_ssh else []),
+               "--no_local_rank", "--module", "vllm2.cli", "train", *inner]  # LOCAL_RANK is in the environment
     return subprocess.call(cmd)
 
 
