@@ -85,7 +85,7 @@ def test_stage_recipes_load_and_freeze_what_they_say():
     assert "llm" in stage3.training.freeze and stage3.data == stage2.data
 
 
-def test_shapes_stages_chain_and_stage3_trains_only_the_decoders():
+def test_shapes_stages_chain_and_stage3_trains_only_the_decoders_and_query_tables():
     from pathlib import Path
 
     from vllm2 import build_model, load_config
@@ -99,7 +99,8 @@ def test_shapes_stages_chain_and_stage3_trains_only_the_decoders():
     model = build_model(stages[2])
     apply_freeze(model, stages[2].training.freeze)
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"gdino", "keypoint", "sd", "ip2p"}
+    tables = {f"emb_embeddings_{t}" for t in ("det", "pose", "gen", "edit")}
+    assert trainable == {"gdino", "keypoint", "sd", "ip2p"} | tables
 
 
 def test_init_from_a_stage_without_decoders_keeps_the_new_decoders_and_takes_the_rest(tmp_path):
