@@ -55,9 +55,24 @@ class Decoder(nn.Module):
     config_class: ClassVar[type] = dict
     tied_weights_keys: ClassVar[dict[str, str]] = {}  # HF-style {target pattern: source}, relative to the decoder
 
+    @property
+    def queries_per_group(self) -> int | None:
+        """The number of query states K this decoder takes per group, or None when any K works."""
+        return None
+
     def bind_routes(self, own: dict[int, Route], absorbed: dict[int, Route]) -> None:
         """Learn which route token ids reach this decoder: its own routes and the routes it absorbs (e.g. the object
-        classes of a pose answer), keyed by token id. Called once by the model; the default keeps them."""
+        classes of a pose answer), keyed by token id. Called once by the model; the default keeps them.
+
+        Raises:
+            ValueError: a route's ``num_queries`` is not the decoder's :attr:`queries_per_group`.
+        """
+        k = self.queries_per_group
+        for route in [*own.values(), *absorbed.values()]:
+            if k is not None and route.num_queries != k:
+                raise ValueError(f"route {route.token!r} has num_queries={route.num_queries} but its decoder "
+                                 f"{self.name!r} takes {k} query states per group ({self.name}.num_queries); "
+                                 "make them equal")
         self.own_routes, self.absorbed_routes = dict(own), dict(absorbed)
 
     def prepare(self, images: list[Any], targets: list[dict] | None = None) -> dict[str, Any]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,6 +105,14 @@ def _coco_records(index: int, image_id: int, pred: SamplePrediction, routed: boo
     return records
 
 
+def _det_expected(path: Path, dataset, routed: bool, items: list[int]) -> dict:
+    """COCO bbox metrics of :func:`_det_prediction` on ``items`` (the others missed), by pycocotools directly."""
+    records = []
+    for i in items:
+        records += _coco_records(i, 10 + i, _det_prediction(i, dataset[i].targets["gdino"], routed), routed)
+    return coco_eval(str(path), records, "bbox", image_ids=[10, 11, 12])
+
+
 @pytest.mark.parametrize("routed", [True, False])
 def test_det_dispatch_equals_coco_eval(tmp_path, routed):
     path = write_coco(tmp_path)
@@ -121,13 +131,7 @@ def test_det_dispatch_equals_coco_eval(tmp_path, routed):
 
     mode = "routed" if routed else "teacher-forced"
     got = runner.evaluate(task, dataset, predict, mode, batch_size=2)
-    expected_records = []
-    for i in range(3):
-        if routed and i == 1:
-            continue
-        sample = dataset[i]
-        expected_records += _coco_records(i, 10 + i, _det_prediction(i, sample.targets["gdino"], routed), routed)
-    expected = coco_eval(str(path), expected_records, "bbox", image_ids=[10, 11, 12])
+    expected = _det_expected(path, dataset, routed, [0, 2] if routed else [0, 1, 2])
     assert got["metrics"]["bbox"] == expected
     assert 0 < expected["AP"] < 1
     assert got["num_samples"] == 3
@@ -147,6 +151,43 @@ def test_seg_dispatch_reports_bbox_and_segm(tmp_path):
 
     got = runner.evaluate(task, dataset, predict, "routed", batch_size=1)["metrics"]
     assert set(got) == {"bbox", "segm"} and 0 < got["segm"]["AP"] < 1
+
+
+def _failed(routes: list[str], decoder: str, error: str, unconfigured: bool = False) -> SamplePrediction:
+    """A prediction whose ``decoder`` output failed (or has no configured decoder)."""
+    out = DecoderPrediction(routes, ["x"] * len(routes), None, error, unconfigured)
+    return SamplePrediction("", routes, {decoder: out})
+
+
+def test_decoder_failures_are_counted_and_scored_as_misses(tmp_path):
+    """Item 1's decoder raised, item 2 routed to an unconfigured decoder: both are misses in the metrics and each
+    is counted, with its sample's source, in the summary (the same keys for a text task)."""
+    path = write_coco(tmp_path)
+    task, dataset = _dataset("det", path)
+    failed = {1: _failed(["[DET]"] * 2, "gdino", "decoder 'gdino' failed: boom"),
+              2: _failed(["[DET]"] * 2, "gdino", "no decoder 'gdino' is configured for the route [DET]", True)}
+
+    def predict(samples):
+        return [failed.get(_image_position(s)) or _det_prediction(_image_position(s), s.targets["gdino"], True)
+                for s in samples]
+
+    got = runner.evaluate(task, dataset, predict, "routed", batch_size=2)
+    assert got["metrics"]["bbox"] == _det_expected(path, dataset, True, [0]) and got["routing_accuracy"] == 1.0
+    assert got["decoder_errors"] == {"count": 1, "first": [f"{dataset[1].source}: decoder 'gdino' failed: boom"]}
+    assert got["unconfigured_routes"] == {
+        "count": 1, "first": [f"{dataset[2].source}: no decoder 'gdino' is configured for the route [DET]"]}
+
+    names = write_images(tmp_path, 7)
+    vqa = _write_jsonl(tmp_path / "vqa.jsonl", [{"image": n, "question": "q?", "answers": ["a"]} for n in names])
+    task, dataset = _dataset("vqa", vqa)
+
+    def answer(samples):
+        return [_failed(["[GEN]"], "sd", f"decoder 'sd' failed: {s.source}") for s in samples]
+
+    got = runner.evaluate(task, dataset, answer, "routed", batch_size=3)
+    sources = [dataset[i].source for i in range(5)]
+    assert got["decoder_errors"] == {"count": 7, "first": [f"{s}: decoder 'sd' failed: {s}" for s in sources]}
+    assert got["unconfigured_routes"] == {"count": 0, "first": []} and got["routing_accuracy"] == 0.0
 
 
 def test_unknown_phrase_is_dropped(tmp_path):
@@ -253,6 +294,14 @@ def test_pose_dispatch(tmp_path, routed):
                 for s in samples]
 
     got = runner.evaluate(task, dataset, predict, "routed" if routed else "teacher-forced", batch_size=2)
+    keypoints, pck_value = _pose_expected(path, dataset, routed, 0.1)
+    assert got["metrics"]["keypoints"] == keypoints
+    assert 0 < got["metrics"]["keypoints"]["AP"] < 1
+    assert got["metrics"]["PCK@0.1"] == pytest.approx(pck_value)
+
+
+def _pose_expected(path: Path, dataset, routed: bool, alpha: float) -> tuple[dict, float]:
+    """Keypoint AP (pycocotools) and PCK@alpha of :func:`_pose_prediction` on both items, computed directly."""
     records, tops, gts, boxes = [], [], [], []
     for i in range(2):
         target = dataset[i].targets["keypoint"]
@@ -263,9 +312,7 @@ def test_pose_dispatch(tmp_path, routed):
         tops += list(skeleton)  # each prediction lies on its own ground-truth box, so it is matched to it
         gts += list(target["keypoints"])
         boxes += list(target["boxes"])
-    assert got["metrics"]["keypoints"] == coco_eval(str(path), records, "keypoints")
-    assert 0 < got["metrics"]["keypoints"]["AP"] < 1
-    assert got["metrics"]["PCK@0.1"] == pytest.approx(pck(tops, gts, boxes, 0.1))
+    return coco_eval(str(path), records, "keypoints"), pck(tops, gts, boxes, alpha)
 
 
 def test_teacher_forced_batched_equals_per_sample(tmp_path):
@@ -430,10 +477,10 @@ def test_gen_and_edit_shapes_judge(tmp_path):
 def test_shard_and_merge():
     blocks = [runner.shard(range(7), r, 3) for r in range(3)]
     assert blocks == [[0, 1], [2, 3], [4, 5, 6]]
-    parts = [[(i, True, {"v": i}) for i in block] for block in reversed(blocks)]
+    parts = [[(i, True, {"v": i}, []) for i in block] for block in reversed(blocks)]
     assert [r[0] for r in runner.merge_records(parts)] == list(range(7))
     with pytest.raises(ValueError, match="item 2"):
-        runner.merge_records([[(2, True, {})], [(2, True, {})]])
+        runner.merge_records([[(2, True, {}, [])], [(2, True, {}, [])]])
 
 
 def _free_port() -> int:
@@ -442,40 +489,65 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _sharded_worker(rank: int, world: int, port: int, path: str, queue) -> None:
+def _predict_det(failing: int | None = None, crash_on: int | None = None):
+    """The det predictor of the dispatch tests; item ``failing`` gets a decoder error, item ``crash_on`` raises."""
+    def predict(samples):
+        preds = []
+        for s in samples:
+            index = _image_position(s)
+            if index == crash_on:
+                raise RuntimeError(f"predictor crashed on item {index}")
+            preds.append(_failed(["[DET]"], "gdino", "decoder 'gdino' failed: boom") if index == failing
+                         else _det_prediction(index, s.targets["gdino"], True))
+        return preds
+    return predict
+
+
+def _sharded_worker(rank: int, world: int, port: int, path: str, crash_on: int | None, queue) -> None:
+    """Run the det task over ``world`` gloo ranks; put ``(rank, summary or the error message)`` on ``queue``."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     task, dataset = _dataset("det", Path(path))
-
-    def predict(samples):
-        return [_det_prediction(_image_position(s), s.targets["gdino"], True) for s in samples]
-
-    summary = runner.evaluate_sharded(task, dataset, predict, "routed", batch_size=2)
-    if rank == 0:
-        queue.put(summary)
+    try:
+        queue.put((rank, runner.evaluate_sharded(task, dataset, _predict_det(2, crash_on), "routed", batch_size=2)))
+    except RuntimeError as err:
+        queue.put((rank, str(err)))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_sharded_run_equals_single_process(tmp_path):
-    path = write_coco(tmp_path)
-    task, dataset = _dataset("det", path)
-
-    def predict(samples):
-        return [_det_prediction(_image_position(s), s.targets["gdino"], True) for s in samples]
-
-    single = runner.evaluate(task, dataset, predict, "routed", batch_size=2)
+def _run_sharded(path: Path, crash_on: int | None = None) -> dict[int, Any]:
+    """What each of 2 ranks returned (or raised) from :func:`runner.evaluate_sharded`."""
     ctx = mp.get_context("fork")
     queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_sharded_worker, args=(r, 2, port, str(path), queue)) for r in range(2)]
+    procs = [ctx.Process(target=_sharded_worker, args=(r, 2, port, str(path), crash_on, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    sharded = queue.get(timeout=120)
+    got = dict(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    assert sharded == single and 0 < single["metrics"]["bbox"]["AP"] < 1
+    return got
+
+
+def test_sharded_run_equals_single_process(tmp_path):
+    """Two gloo ranks (items 0 | 1, 2; item 2 with a decoder error) merge into the single-process summary, failure
+    counts included."""
+    path = write_coco(tmp_path)
+    task, dataset = _dataset("det", path)
+    single = runner.evaluate(task, dataset, _predict_det(failing=2), "routed", batch_size=2)
+    assert single["decoder_errors"] == {"count": 1, "first": [f"{dataset[2].source}: decoder 'gdino' failed: boom"]}
+    assert 0 < single["metrics"]["bbox"]["AP"] < 1  # a real score, not the -1 of no detections
+    sharded = _run_sharded(path)
+    assert sharded == {0: single, 1: None}
+
+
+def test_sharded_run_stops_every_rank_when_one_fails(tmp_path):
+    """Rank 1's predictor raises (item 2 is in its shard): both ranks stop with that error, none waits."""
+    got = _run_sharded(write_coco(tmp_path), crash_on=2)
+    message = "benchmark failed: rank 1: RuntimeError: predictor crashed on item 2"
+    assert got == {0: message, 1: message}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -530,27 +602,101 @@ def test_cli_nproc_relaunches_with_torchrun(tmp_path, monkeypatch):
     assert json.loads(env[cli.ARGV_ENV]) == argv
 
 
-def test_cli_vqa_routed_end_to_end(tmp_path, capsys):
+def _force_answers(monkeypatch, texts: list[str]) -> None:
+    """Make ``model.chat`` write ``texts[b]`` (route tokens included) as the answer of batch row ``b``: the words are
+    forced, everything after them (query states, decoders, parsing, scoring) runs for real."""
+    from test_chat import Force
+    from vllm2.modeling import VisionLLMv2Model
+
+    chat = VisionLLMv2Model.chat
+
+    def forced(self, processor, *args, **kwargs):
+        tok = processor.tokenizer
+        plans = {b: tok.encode(text, add_special_tokens=False) for b, text in enumerate(texts)}
+        return chat(self, processor, *args, logits_processor=Force(plans, tok.eos_token_id), **kwargs)
+
+    monkeypatch.setattr(VisionLLMv2Model, "chat", forced)
+
+
+def _predict_in_order(monkeypatch, decoder_cls: type, results: list, num_groups: int) -> dict:
+    """Make ``decoder_cls.predict`` return ``results`` in call order, one per sample row, after checking that each row
+    holds ``num_groups`` real query groups. Returns what it saw: the results left and the options of each call."""
+    seen: dict = {"left": list(results), "options": []}
+
+    def predict(self, queries, query_mask, inputs, route_ids=None, **options):
+        assert query_mask.sum(1).tolist() == [num_groups] * len(queries)
+        seen["options"].append(options)
+        return [seen["left"].pop(0) for _ in range(len(queries))]
+
+    monkeypatch.setattr(decoder_cls, "predict", predict)
+    return seen
+
+
+def test_cli_vqa_routed_end_to_end(tmp_path, monkeypatch):
+    """Forced answers "box" (right), "circle" (wrong) and a routed answer (a miss): accuracy and routing accuracy as
+    the metric computes them on those texts."""
     from vllm2 import build_model, load_config
     from vllm2.cli.bench import main
 
-    names = write_images(tmp_path, 3)
+    names = write_images(tmp_path, 4)
     path = _write_jsonl(tmp_path / "vqa.jsonl", [{"image": n, "question": "What is it?", "answers": ["box"] * 10}
                                                  for n in names])
+    _force_answers(monkeypatch, [" box", " circle", " it[DET]"])
     out = tmp_path / "result.json"
-    rc = main(["vqa", "--config", "tiny", "--data", str(path), "--limit", "2", "--batch-size", "2",
-               "--max-new-tokens", "3", "--out", str(out), "--device", "cpu"])
+    rc = main(["vqa", "--config", "tiny", "--data", str(path), "--limit", "3", "--batch-size", "3",
+               "--max-new-tokens", "12", "--out", str(out), "--device", "cpu"])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["task"] == "vqa" and result["mode"] == "routed" and result["num_samples"] == 2
-    assert 0 <= result["metrics"]["accuracy"] <= 1 and 0 <= result["routing_accuracy"] <= 1
+    assert result["task"] == "vqa" and result["mode"] == "routed" and result["num_samples"] == 3
+    assert result["metrics"]["accuracy"] == pytest.approx(vqa_accuracy(["box", "circle", ""], [["box"] * 10] * 3))
+    assert result["metrics"]["accuracy"] == pytest.approx(1 / 3) and result["routing_accuracy"] == pytest.approx(2 / 3)
+    assert result["decoder_errors"] == result["unconfigured_routes"] == {"count": 0, "first": []}
     assert result["data"]["split"] == "vqa" and result["data"]["files"]["annotations"] == str(path.resolve())
+    assert result["data"]["limit"] == 3 and result["run"]["strict"] is False
     assert result["model"]["untrained"] and result["config"]["llm"]["hidden_size"] == 64
     torch.manual_seed(0)
     assert result["model"]["weights_sha256"] == runner.state_dict_sha256(build_model(load_config("tiny")))
 
 
-def test_cli_pose_teacher_forced_with_model_folder(tmp_path):
+@pytest.mark.parametrize("failure", ["raises", "unconfigured"])
+def test_cli_decoder_failure_shows_in_the_result_and_fails_strict(tmp_path, monkeypatch, failure):
+    """Every answer routes to [DET]; its decoder raises (or is not configured). The result counts each sample in
+    ``decoder_errors`` (``unconfigured_routes``) and scores it as a miss; ``--strict`` stops with the error."""
+    from decoders.gdino import GroundingDinoDecoder
+    from vllm2.cli.bench import main
+
+    path = write_coco(tmp_path)
+    _, dataset = _dataset("det", path)
+    _force_answers(monkeypatch, [" cat[DET]"] * 3)
+    config = ["--config", "tiny"]
+    if failure == "raises":
+        def broken(*args, **kwargs):
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(GroundingDinoDecoder, "predict", broken)
+        message, error = "decoder 'gdino' failed: out of memory", RuntimeError
+    else:
+        config.append("decoders.gdino=null")
+        message, error = "no decoder 'gdino' is configured for the route [DET]", ValueError
+    args = ["det", *config, "--data", str(path), "--batch-size", "3", "--max-new-tokens", "8", "--device", "cpu"]
+    out = tmp_path / "result.json"
+    assert main([*args, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    counted, clean = ("decoder_errors", "unconfigured_routes")[:: 1 if failure == "raises" else -1]
+    assert result[counted] == {"count": 3, "first": [f"{dataset[i].source}: {message}" for i in range(3)]}
+    assert result[clean] == {"count": 0, "first": []}
+    assert result["routing_accuracy"] == 1.0
+    assert result["metrics"]["bbox"] == coco_eval(str(path), [], "bbox", image_ids=[10, 11, 12])  # all misses
+    strict = tmp_path / "strict.json"
+    with pytest.raises(error, match=re.escape(message.split("failed: ")[-1])):  # the decoder's own exception
+        main([*args, "--out", str(strict), "--strict"])
+    assert not strict.exists()
+
+
+def test_cli_pose_teacher_forced_with_model_folder(tmp_path, monkeypatch):
+    """A saved model folder, teacher-forced: the keypoint decoder answers with known keypoints on the real query
+    groups (1 object + 3 keypoint groups per sample); AP and PCK are those of pycocotools and PCK on them."""
+    from decoders.keypoint import KeypointDecoder
     from vllm2 import VisionLLMv2Processor, build_model, load_config
     from vllm2.cli.bench import main
 
@@ -560,12 +706,19 @@ def test_cli_pose_teacher_forced_with_model_folder(tmp_path):
     build_model(cfg).save_pretrained(folder)
     VisionLLMv2Processor.from_config(cfg).save_pretrained(folder)
     path = write_keypoints(tmp_path)
+    _, dataset = _dataset("pose", path, "teacher_forced")
+    answers = [_pose_prediction(i, dataset[i].targets["keypoint"], False)[0].outputs["keypoint"].result
+               for i in range(2)]
+    seen = _predict_in_order(monkeypatch, KeypointDecoder, answers, num_groups=4)
     out = tmp_path / "pose.json"
     assert main(["pose", "--model", str(folder), "--data", str(path), "--mode", "teacher-forced",
                  "--batch-size", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert seen == {"left": [], "options": [{}]}
     result = json.loads(out.read_text())
-    assert result["mode"] == "teacher-forced" and result["num_samples"] == 2
-    assert -1 <= result["metrics"]["keypoints"]["AP"] <= 1 and "PCK@0.2" in result["metrics"]
+    assert result["mode"] == "teacher-forced" and result["num_samples"] == 2 and "routing_accuracy" not in result
+    keypoints, pck_value = _pose_expected(path, dataset, False, 0.2)
+    assert result["metrics"]["keypoints"] == keypoints and 0 < keypoints["AP"] < 1
+    assert result["metrics"]["PCK@0.2"] == pytest.approx(pck_value)
     digest = hashlib.sha256()
     for file in sorted(folder.glob("*.safetensors")):
         digest.update(file.name.encode())
@@ -575,47 +728,68 @@ def test_cli_pose_teacher_forced_with_model_folder(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["det", "res"])
-def test_cli_gdino_tasks_teacher_forced_end_to_end(tmp_path, name):
+def test_cli_gdino_tasks_teacher_forced_end_to_end(tmp_path, monkeypatch, name):
+    """Teacher-forced det / res through the tiny model, GroundingDINO answering with known boxes (and masks) on the
+    real query groups: the metrics are those the metric functions give on them."""
+    from decoders.gdino import GroundingDinoDecoder
     from vllm2.cli.bench import main
 
     path = write_coco(tmp_path) if name == "det" else write_refcoco(tmp_path)
+    task, dataset = _dataset(name, path, "teacher_forced")
+    if name == "det":
+        answers = [_det_prediction(i, dataset[i].targets["gdino"], False).outputs["gdino"].result for i in range(3)]
+    else:
+        answers = [_grd_prediction(k, dataset[k].targets["gdino"]).outputs["gdino"].result for k in range(4)]
+    seen = _predict_in_order(monkeypatch, GroundingDinoDecoder, answers, num_groups=2 if name == "det" else 1)
     out = tmp_path / f"{name}.json"
     assert main([name, "--config", "tiny", "--data", str(path), "--mode", "teacher-forced", "--batch-size", "2",
                  "--out", str(out), "--device", "cpu"]) == 0
+    assert seen["left"] == [] and seen["options"] == [task.decoder_options()["gdino"]] * 2
     metrics = json.loads(out.read_text())["metrics"]
     if name == "det":
-        assert set(metrics) == {"bbox"} and 0 <= metrics["bbox"]["AP"] <= 1
+        assert metrics == {"bbox": _det_expected(path, dataset, False, [0, 1, 2])}
     else:
-        assert 0 <= metrics["cIoU"] <= 1 and 0 <= metrics["Acc@0.5"] <= 1
+        boxes = [a["boxes"][0] for a in answers]
+        masks = [a["masks"][0] for a in answers]
+        targets = [dataset[k].targets["gdino"] for k in range(4)]
+        assert metrics["Acc@0.5"] == rec_accuracy(boxes, [t["boxes"][0] for t in targets]) == 0.75
+        expected = res_iou(masks, [t["masks"][0] for t in targets])
+        assert metrics["cIoU"] == pytest.approx(expected["cIoU"]) and metrics["mIoU"] == pytest.approx(expected["mIoU"])
 
 
-@pytest.mark.parametrize("name, mode", [("det", "routed"), ("det", "teacher-forced"), ("pose", "routed"),
-                                        ("pose", "teacher-forced")])
-def test_cli_det_and_pose_both_modes_sharded_equals_single(tmp_path, name, mode):
-    """`vllm2 bench det|pose` on the tiny config in both modes; with --nproc 2 (torchrun, gloo) for one mode each,
-    the merged result equals the single-process one."""
+SHAPES_MODEL = REPO / "data" / "shapes-model"
+
+
+@pytest.mark.parametrize("name, mode", [("det", "routed"), ("pose", "teacher-forced")])
+def test_cli_sharded_equals_single_on_a_model_that_routes(tmp_path, name, mode):
+    """`vllm2 bench det|pose` with the shipped shapes-world model on 4 held-out items: with --nproc 2 (torchrun,
+    gloo) the merged result equals the single-process one, which is a real score (the model writes the task's
+    routes itself in routed mode)."""
     import os
     import subprocess
     import sys
 
+    from vllm2 import shapes
     from vllm2.cli.bench import main
 
-    path = write_coco(tmp_path) if name == "det" else write_keypoints(tmp_path)
-    args = [name, "--config", "tiny", "--data", str(path), "--mode", mode, "--batch-size", "2", "--device", "cpu",
-            "--max-new-tokens", "8"]
+    shapes.write_dataset(tmp_path / "world", n=4, seed=11)
+    path = tmp_path / "world" / ("instances.json" if name == "det" else "keypoints.json")
+    args = [name, "--model", str(SHAPES_MODEL), "--data", str(path), "--mode", mode, "--batch-size", "2",
+            "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "single.json")]) == 0
     single = json.loads((tmp_path / "single.json").read_text())
-    assert single["mode"] == mode and single["num_samples"] >= 2
-    assert ("routing_accuracy" in single) == (mode == "routed")
-    if (name, mode) not in {("det", "teacher-forced"), ("pose", "routed")}:
-        return
+    assert single["num_samples"] == 4 and single["decoder_errors"]["count"] == 0
+    metric = single["metrics"]["bbox" if name == "det" else "keypoints"]["AP"]
+    assert metric > 0  # a real score, not the -1 / 0 of no detections
+    if mode == "routed":
+        assert single["routing_accuracy"] == 1.0  # MODEL-DEPENDENT: the shipped model routes these items right
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "vllm2.cli", "bench", *args, "--nproc", "2",
                            "--out", str(tmp_path / "sharded.json")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     sharded = json.loads((tmp_path / "sharded.json").read_text())
-    assert sharded["run"]["nproc"] == 2
-    assert sharded["metrics"] == single["metrics"] and sharded["num_samples"] == single["num_samples"]
-    assert sharded.get("routing_accuracy") == single.get("routing_accuracy")
+    assert sharded["run"]["nproc"] == 2 and single["run"]["nproc"] == 1
+    keys = ("metrics", "num_samples", "routing_accuracy", "decoder_errors", "unconfigured_routes")
+    assert {k: sharded.get(k) for k in keys} == {k: single.get(k) for k in keys}
     assert sharded["model"]["weights_sha256"] == single["model"]["weights_sha256"]

@@ -157,10 +157,11 @@ def test_dispatch_counts_and_metrics(tmp_path, routed):
     assert got["num_samples"] == 3
     if routed:
         assert got["routing_accuracy"] == pytest.approx(2 / 3)
-        assert (metrics["missing"], metrics["decoder_errors"], metrics["unknown_phrases"]) == (2, 1, 1)
+        assert (metrics["missing"], metrics["unknown_phrases"]) == (2, 1)
+        assert got["decoder_errors"] == {"count": 1, "first": [f"{dataset[2].source}: decoder 'gdino' failed: boom"]}
     else:
         assert "routing_accuracy" not in got
-        assert (metrics["missing"], metrics["decoder_errors"], metrics["unknown_phrases"]) == (0, 0, 0)
+        assert (metrics["missing"], metrics["unknown_phrases"], got["decoder_errors"]["count"]) == (0, 0, 0)
         assert metrics["IoU"]["cat"] == 1.0 and metrics["IoU"]["traffic light"] == 1.0
     assert task.decoder_options() == {"gdino": {"mode": "det", "return_masks": True, "score_threshold": 0.1}}
 
@@ -206,7 +207,7 @@ def test_cli_semseg_teacher_forced_end_to_end(tmp_path):
     metrics = result["metrics"]
     assert set(metrics["IoU"]) == set(metrics["Acc"]) == {"background", "cat", "traffic light", "tree"}
     assert 0 <= metrics["mIoU"] <= 1 and 0 <= metrics["aAcc"] <= 1 and 0 <= metrics["mAcc"] <= 1
-    assert (metrics["missing"], metrics["decoder_errors"], metrics["unknown_phrases"]) == (0, 0, 0)
+    assert (metrics["missing"], metrics["unknown_phrases"], result["decoder_errors"]["count"]) == (0, 0, 0)
     assert result["data"]["files"] == {"annotations": str(folder.resolve()),
                                        "image_root": str((folder / "images").resolve())}
     assert result["data"]["split"] == "data" and result["model"]["untrained"]

@@ -88,35 +88,15 @@ def test_mixed_batch_runs_through_the_tiny_model(mixed, tiny_cfg):
     assert set(out.groups) == {"gdino", "keypoint", "sd", "ip2p"}
 
 
-def _decoder_configs() -> dict:
-    try:
-        from decoders.diffusion import tiny_ip2p_config, tiny_sd_config
-        from decoders.gdino import GroundingDinoDecoderConfig
-        from decoders.keypoint import KeypointDecoderConfig
-    except ImportError as err:
-        pytest.skip(f"the task decoders are not importable yet ({err})")
-    from decoders import DECODERS
-
-    small = {"image_size": 64, "max_image_size": 64}  # the example images are at most 64 pixels
-    configs = {"gdino": GroundingDinoDecoderConfig.tiny(**small),
-               "keypoint": dataclasses.replace(KeypointDecoderConfig.tiny(), **small),
-               "sd": tiny_sd_config(), "ip2p": tiny_ip2p_config()}
-    for name, config in configs.items():
-        if DECODERS[name].config_class is not type(config):  # the model rebuilds decoder configs from it
-            pytest.skip(f"decoder {name!r} does not declare config_class = {type(config).__name__} yet")
-    return configs
-
-
 def test_every_decoder_loss_in_one_step(mixed, tiny_processor):
+    """The collated batch trains all four decoders of the tiny model, which binds the pose routes itself."""
     _, batch = mixed
-    cfg = load_config("tiny")
-    cfg.decoders = _decoder_configs()
+    small = [f"decoders.{name}.{key}=64" for name in ("gdino", "keypoint") for key in ("image_size", "max_image_size")]
     torch.manual_seed(0)
-    model = build_model(cfg).train()
-    if not model.keypoint.object_route_ids:  # the model may already declare the pose routes itself
-        token_id, routes = tiny_processor.tokenizer.convert_tokens_to_ids, tiny_processor.routes
-        model.keypoint.set_route_ids([token_id(routes.route_for_task("det"))],
-                                     [token_id(routes.route_for_task("pose"))])
+    model = build_model(load_config("tiny", small)).train()  # the example images are at most 64 pixels
+    token_id, routes = tiny_processor.tokenizer.convert_tokens_to_ids, tiny_processor.routes
+    assert model.keypoint.object_route_ids == (token_id(routes.route_for_task("det")),)
+    assert model.keypoint.keypoint_route_ids == (token_id(routes.route_for_task("pose")),)
     out = model(**batch)
     assert set(out.decoder_losses) == {"gdino", "keypoint", "sd", "ip2p"}
     assert all(torch.isfinite(v) for v in out.decoder_losses.values()) and torch.isfinite(out.lm_loss)

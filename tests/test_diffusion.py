@@ -203,6 +203,19 @@ def test_both_losses_reach_query_states_and_mapper(name: str) -> None:
     assert not any(p.requires_grad for p in decoder.sd_text_encoder.parameters())
 
 
+def test_alignment_loss_without_a_tokenizer_is_an_error_unless_turned_off() -> None:
+    """Captions with the alignment loss on but no text-encoder tokenizer: a clear error, not a silently missing term;
+    ``align_loss_weight: 0`` trains on the diffusion loss alone."""
+    queries, mask = torch.randn(1, 1, K, LLM), torch.ones(1, 1, dtype=torch.bool)
+    targets = [{"image": blob_image(32, 32, 3), "caption": "a red square"}]
+    decoder = build_decoder("sd", tiny_sd_config(align_loss_weight=0.5), LLM)
+    with pytest.raises(ValueError, match="sd: the alignment loss needs the text encoder's tokenizer.*"
+                                         "sd.align_loss_weight: 0"):
+        decoder(queries, mask, decoder.prepare([None], targets))
+    off = build_decoder("sd", tiny_sd_config(align_loss_weight=0.0), LLM)
+    assert set(off(queries, mask, off.prepare([None], targets)).loss_dict) == {"loss_diffusion"}
+
+
 def test_warns_once_when_captions_are_cut_from_the_alignment_target(caplog) -> None:
     """A caption longer than ``num_prompt_tokens`` loses its end in the alignment target: one warning naming it."""
     decoder = undropped("ip2p", num_prompt_tokens=8)
@@ -390,17 +403,19 @@ def save_components(decoder, root) -> None:
 
 
 def test_load_pretrained_from_a_local_folder(tmp_path) -> None:
-    source = StableDiffusionDecoder(tiny_sd_config(), LLM)
-    save_components(source, tmp_path)
+    source = StableDiffusionDecoder(tiny_sd_config(num_train_timesteps=500, beta_end=0.02), LLM)
+    save_components(source, tmp_path)  # a schedule other than the config's default, so loading it shows
     torch.manual_seed(1)
     target = StableDiffusionDecoder(tiny_sd_config(null_prompt="empty", pretrained_path=str(tmp_path)), LLM)
     assert not torch.equal(target.sd_unet.conv_in.weight, source.sd_unet.conv_in.weight)
+    assert target.sd_noise_scheduler.config.num_train_timesteps == 1000
     target.load_pretrained()
     for module in ("sd_unet", "sd_vae", "sd_text_encoder"):
         loaded = getattr(target, module).state_dict()
         for key, value in getattr(source, module).state_dict().items():
             assert torch.equal(value, loaded[key]), f"{module}.{key}"
-    assert target.sd_noise_scheduler.config.num_train_timesteps == 1000
+    schedule = target.sd_noise_scheduler.config
+    assert (schedule.num_train_timesteps, schedule.beta_end) == (500, 0.02)
     empty_ids = target.sd_tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     empty = target.sd_text_encoder(empty_ids)
     torch.testing.assert_close(target.null_prompt(2), empty.last_hidden_state.expand(2, -1, -1))

@@ -330,16 +330,40 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="set_route_ids"):
         fresh(queries, mask, fresh.prepare(image), route)
     with pytest.raises(FileNotFoundError, match="no-such-backbone"):
-        KeypointDecoder(replace(KeypointDecoderConfig.tiny(), backbone_pretrained="/no-such-backbone"), C_LLM)
+        KeypointDecoder(replace(KeypointDecoderConfig.tiny(), backbone_pretrained="/no-such-backbone"), C_LLM).load_pretrained()
     with pytest.raises(ValueError, match="num_box_decoder_layers"):
         KeypointDecoderConfig(num_box_decoder_layers=6)
+
+
+def test_oks_and_keypoint_terms_scale_with_their_own_weights():
+    """The official UniPose weights its OKS term with the keypoint-L1 coefficient; here changing one weight scales
+    its own term alone (matching uses the cost_* weights, so the same pairs are compared)."""
+    decoder = make_decoder()
+    image = [Image.new("RGB", (64, 64))]
+    queries, mask, route = pose_batch([(1, 3)])
+    inputs = decoder.prepare(image, [random_target(torch.Generator().manual_seed(3), 64, 64, 2, 3, 1)])
+
+    def terms() -> tuple[float, float]:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses = decoder(queries, mask, inputs, route).loss_dict
+        return float(losses["loss_keypoint"]), float(losses["loss_oks"])
+
+    cfg = decoder.criterion.cfg
+    cfg.loss_keypoint, cfg.loss_oks = 1.0, 1.0
+    keypoint, oks = terms()
+    assert keypoint > 0 and oks > 0
+    cfg.loss_oks = 3.0
+    assert terms() == pytest.approx((keypoint, 3 * oks))
+    cfg.loss_keypoint, cfg.loss_oks = 5.0, 1.0
+    assert terms() == pytest.approx((5 * keypoint, oks))
 
 
 def test_default_config_is_the_official_7b_shape():
     cfg = KeypointDecoderConfig()
     assert (cfg.backbone_type, cfg.d_model, cfg.num_queries, cfg.num_decoder_layers) == ("swin", 256, 900, 6)
     assert (cfg.num_pose_queries, cfg.max_keypoints, cfg.num_feature_levels) == (50, 68, 4)
-    assert cfg.loss_oks != cfg.loss_keypoint  # each term has its own weight
+    assert (cfg.loss_keypoint, cfg.loss_oks) == (10.0, 4.0)  # the official kpt L1 10 and OKS 4 (not its bug's 10)
     decoder = KeypointDecoder(cfg, 4096)
     assert list(decoder.backbone.channels) == [192, 384, 768]  # Swin-T stages 2-4
     assert [tuple(l.weight.shape) for l in decoder.projection_llava.layers] == [(256, 4096), (256, 256), (256, 256)]

@@ -53,14 +53,40 @@ def _mixed(processor):
 def test_all_decoders_train_in_one_step(tiny_cfg, tiny_processor):
     model = build_model(tiny_cfg).train()
     batch, decoder_inputs = _mixed(tiny_processor)
-    present = {k: v for k, v in decoder_inputs.items() if k in model.decoder_names}
-    out = model(**batch, decoder_inputs=present)
-    assert set(out.decoder_losses) == set(present) and torch.isfinite(out.loss)
-    assert all(any(k.startswith(f"{name}/") for k in out.loss_dict) for name in present)
+    assert set(decoder_inputs) == set(model.decoder_names) == {"gdino", "keypoint", "sd", "ip2p"}
+    out = model(**batch, decoder_inputs=decoder_inputs)
+    assert set(out.decoder_losses) == set(decoder_inputs) and torch.isfinite(out.loss)
+    assert all(any(k.startswith(f"{name}/") for k in out.loss_dict) for name in decoder_inputs)
     out.loss.backward()
-    for table in ["pose", "gen", "edit"] + (["det"] if "gdino" in present else []):
+    for table in ["det", "pose", "gen", "edit"]:
         grad = model.get_parameter(f"emb_embeddings_{table}.weight").grad
         assert grad is not None and grad.abs().sum() > 0, table
+
+
+def test_loss_weights_scale_loss_and_loss_dict(tiny_processor):
+    """``training.loss_weights`` multiplies a decoder's loss and each of its logged terms; the others and the LM loss
+    stay, and ``loss`` is their sum."""
+    from vllm2 import load_config
+
+    model = build_model(load_config("tiny")).train()
+    batch, decoder_inputs = _mixed(tiny_processor)
+    inputs = {k: decoder_inputs[k] for k in ("keypoint", "sd")}
+
+    def run(weights: dict[str, float]):
+        model.cfg.training.loss_weights = weights
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return model(**batch, decoder_inputs=inputs)
+
+    plain, weighted = run({}), run({"keypoint": 3.0})
+    torch.testing.assert_close(weighted.decoder_losses["keypoint"], 3 * plain.decoder_losses["keypoint"])
+    torch.testing.assert_close(weighted.decoder_losses["sd"], plain.decoder_losses["sd"])
+    assert set(weighted.loss_dict) == set(plain.loss_dict) and any(k.startswith("keypoint/") for k in plain.loss_dict)
+    for key, value in plain.loss_dict.items():
+        torch.testing.assert_close(weighted.loss_dict[key], 3 * value if key.startswith("keypoint/") else value)
+    torch.testing.assert_close(weighted.lm_loss, plain.lm_loss)
+    torch.testing.assert_close(weighted.loss, plain.lm_loss + 3 * plain.decoder_losses["keypoint"]
+                               + plain.decoder_losses["sd"])
 
 
 def test_targets_without_groups_are_refused(tiny_cfg, tiny_processor):

@@ -91,10 +91,29 @@ def test_save_load_identical_logits(model, tiny_processor, tmp_path):
         assert torch.equal(model(**batch).logits, loaded(**again).logits)
 
 
-def test_region_encoder_is_deterministic_in_eval(model, tiny_processor):
-    batch = tiny_processor(_samples()[2:3])
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, model(**batch).logits)
+def test_region_embedding_is_deterministic_in_training(tiny_cfg, tiny_processor):
+    """In ``train()`` (where the official encoder samples random points) two passes embed a region identically, and
+    the region reaches the embeddings (a different mask changes them)."""
+    model = build_model(tiny_cfg).train()
+    assert model.region_encoder.training
+    sample = _samples()[2]
+    other = Sample(sample.turns, sample.images, [(box_to_mask((60, 10, 110, 45), 120, 50), 0)])
+
+    def embed(s: Sample) -> torch.Tensor:
+        batch = tiny_processor([s])
+        return model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["region_masks"],
+                                  batch["region_tiles"])  # [1, L, C]
+
+    first, second = embed(sample), embed(sample)
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, embed(other))
+
+
+def test_route_and_decoder_disagreeing_on_k_fail_at_build():
+    cfg = load_config("tiny", ["decoders.sd.num_queries=8"])
+    with pytest.raises(ValueError, match=r"route '\[GEN\]' has num_queries=64 but its decoder 'sd' takes 8 query "
+                                         r"states per group \(sd.num_queries\)"):
+        build_model(cfg)
 
 
 def test_region_changes_the_answer_logits(model, tiny_processor):

@@ -46,6 +46,7 @@ class RouteOutput:
         phrases: the phrase the model wrote before each group of this output (category names, keypoint names).
         result: boxes/labels/scores/masks, keypoints, or a PIL image (decoder specific); None on error.
         error: a readable message when the decoder is missing or failed.
+        unconfigured: the route's decoder is not configured in the model (``error`` says so).
     """
 
     route: str
@@ -53,6 +54,7 @@ class RouteOutput:
     phrases: list[str] = field(default_factory=list)
     result: Any = None
     error: str | None = None
+    unconfigured: bool = False
 
 
 @dataclass
@@ -66,6 +68,8 @@ class ChatResult:
             the routes its structures stand for.
         num_tokens: positions the LLM decoded for this answer (query positions included).
         malformed: text-transmission elements that could not be read and were skipped.
+        prompt_tokens: positions of the prompt (conversation, images expanded to their patch tokens).
+        finish_reason: ``"stop"`` (end of sequence or a stop string) or ``"length"`` (the token budget ran out).
     """
 
     text: str
@@ -73,6 +77,8 @@ class ChatResult:
     routes: list[str] = field(default_factory=list)
     num_tokens: int = 0
     malformed: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str = "stop"
 
 
 def history_text(text: str, routes: RouteTable) -> str:
@@ -176,9 +182,10 @@ def chat(
     prompts: Sequence[str],
     regions: Sequence[Sequence[np.ndarray]] | None = None,
     history: Sequence[Sequence[tuple[str, str]]] | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | Sequence[int] = 128,
     stop_strings: Sequence[str] = (),
     decoder_options: dict[str, dict[str, Any]] | None = None,
+    raise_decoder_errors: bool = False,
     **gen_kwargs: Any,
 ) -> list[ChatResult]:
     """Answer a batch of prompts; run the decoders the model routes to.
@@ -191,9 +198,11 @@ def chat(
         prompts: the user messages.
         regions: per prompt, bool masks ``[H, W]`` on its first image (one per ``<region>`` token).
         history: per prompt, earlier ``(role, text)`` turns.
-        max_new_tokens: sampled-token budget per prompt.
+        max_new_tokens: sampled-token budget of every prompt, or one per prompt.
         stop_strings: stop a sample once its text contains one of these.
         decoder_options: decoder name -> keyword options for its ``predict``.
+        raise_decoder_errors: raise a decoder's exception (and ``ValueError`` for a route to a decoder that is not
+            configured) instead of recording it in :attr:`RouteOutput.error`.
         gen_kwargs: ``do_sample``, ``temperature``, ``top_p``, ``logits_processor``, ``generator``.
     Returns:
         One :class:`ChatResult` per prompt.
@@ -209,7 +218,10 @@ def chat(
         pad_token_id=tok.pad_token_id, stop_strings=stop_strings, decode=tok.decode, **gen_kwargs,
     )
     pieces = [_text_pieces(processor, seq[:n].tolist()) for seq, n in zip(out.sequences, out.lengths)]
-    results = [ChatResult(text, routes=routes, num_tokens=int(n)) for (text, _, routes), n in zip(pieces, out.lengths)]
+    prompt_tokens = batch["attention_mask"].sum(1).tolist()
+    finish = _finish_reasons(out, model.bound.placeholder_ids, max_new_tokens, tok.eos_token_id)
+    results = [ChatResult(text, routes=routes, num_tokens=int(n), prompt_tokens=int(p), finish_reason=f)
+               for (text, _, routes), n, p, f in zip(pieces, out.lengths, prompt_tokens, finish)]
     phrases = [route_phrases(before) for _, before, _ in pieces]
     if processor.text_link is not None:
         _read_text(processor, out, pil_images, prompts, results)
@@ -217,8 +229,22 @@ def chat(
     for name, groups in gather_queries(out.hidden_states, out.sequences, model.bound).items():
         group_phrases = [[phrases[b][int(rank[b, p])] for p, ok in zip(groups.positions[row], groups.mask[row]) if ok]
                          for row, b in enumerate(groups.batch_index.tolist())]
-        _run_decoder(model, name, groups, pil_images, group_phrases, results, (decoder_options or {}).get(name, {}))
+        _run_decoder(model, name, groups, pil_images, group_phrases, results, (decoder_options or {}).get(name, {}),
+                     raise_decoder_errors)
     return results
+
+
+def _finish_reasons(out: Any, placeholder_ids: torch.Tensor, max_new_tokens: int | Sequence[int],
+                    eos_token_id: int | None) -> list[str]:
+    """Per answer ``"length"`` when it wrote its whole token budget without ending, else ``"stop"``."""
+    positions = torch.arange(out.sequences.shape[1], device=out.sequences.device)  # [T]
+    real = positions[None] < out.lengths[:, None]  # [B, T]
+    sampled = (real & ~torch.isin(out.sequences, placeholder_ids.to(out.sequences.device))).sum(1)  # [B]
+    budget = torch.as_tensor(max_new_tokens, device=sampled.device).expand_as(sampled)  # [B]
+    last = out.sequences.gather(1, (out.lengths - 1).clamp(min=0)[:, None])[:, 0]  # [B]
+    ended = last == eos_token_id if eos_token_id is not None else torch.zeros_like(sampled, dtype=torch.bool)
+    return ["length" if full and not end else "stop" for full, end in zip((sampled >= budget).tolist(),
+                                                                         ended.tolist())]
 
 
 def _read_text(processor: VisionLLMv2Processor, out: Any, images: list[list[Image.Image]], prompts: Sequence[str],
@@ -255,8 +281,10 @@ def _build_samples(processor, images, prompts, regions, history) -> tuple[list[S
     return samples, pil_images
 
 
-def _run_decoder(model, name: str, groups: QueryGroups, images, phrases, results, options: dict) -> None:
-    """Run one decoder on its groups; attach one :class:`RouteOutput` per sample (errors become messages)."""
+def _run_decoder(model, name: str, groups: QueryGroups, images, phrases, results, options: dict,
+                 raise_errors: bool = False) -> None:
+    """Run one decoder on its groups; attach one :class:`RouteOutput` per sample (errors become messages, or are
+    raised with ``raise_errors``)."""
     id_to_token = dict(zip(model.bound.route_ids.tolist(), model.routes.route_tokens))
     index = groups.batch_index.tolist()
     outputs = []
@@ -267,16 +295,41 @@ def _run_decoder(model, name: str, groups: QueryGroups, images, phrases, results
     if name not in model.decoder_names:
         for output in outputs:
             output.error = f"no decoder {name!r} is configured for the route {output.route}"
+            output.unconfigured = True
+        if raise_errors:
+            raise ValueError(outputs[0].error)
         return
     decoder = model.get_submodule(name)
+    first_images = [images[b][0] if images[b] else None for b in index]
     try:
-        inputs = to_device(decoder.prepare([images[b][0] if images[b] else None for b in index]),
-                            groups.states.device)
-        preds = decoder.predict(groups.states, groups.mask, inputs, groups.route_ids, **options)
+        preds: list[Any] = _predict(decoder, groups, list(range(len(index))), first_images, options)
     except Exception as err:  # a failing decoder must not end the conversation
-        logger.exception("decoder %s failed", name)
-        for output in outputs:
-            output.error = f"decoder {name!r} failed: {err}"
-        return
+        if raise_errors:
+            raise
+        logger.exception("decoder %s failed on %d samples", name, len(index))
+        preds = _predict_each(decoder, groups, first_images, options) if len(index) > 1 else [err]
     for output, pred in zip(outputs, preds):
-        output.result = pred
+        if isinstance(pred, Exception):
+            output.error = f"decoder {name!r} failed: {pred}"
+        else:
+            output.result = pred
+
+
+def _predict(decoder: Any, groups: QueryGroups, rows: list[int], images: list[Image.Image | None],
+             options: dict) -> list[Any]:
+    """The decoder's predictions for the group rows ``rows`` (``images``: their first images)."""
+    inputs = to_device(decoder.prepare(images), groups.states.device)
+    return decoder.predict(groups.states[rows], groups.mask[rows], inputs, groups.route_ids[rows], **options)
+
+
+def _predict_each(decoder: Any, groups: QueryGroups, images: list[Image.Image | None], options: dict) -> list[Any]:
+    """After a failed batch, each row alone: a row that fails again gets its exception, the others their result,
+    so one sample's failure stays in its own answer."""
+    preds: list[Any] = []
+    for row, image in enumerate(images):
+        try:
+            preds.append(_predict(decoder, groups, [row], [image], options)[0])
+        except Exception as err:
+            logger.exception("decoder failed on sample row %d", row)
+            preds.append(err)
+    return preds

@@ -4,6 +4,8 @@ When a sample emits a route token, its K query embeddings are fed right after th
 other samples feed one token and masked holes (see :mod:`superlink.decoding`). The generated ids keep the placeholder
 ids at the query positions and the last-layer hidden states of every fed position are captured, so
 ``superlink.gather_queries(out.hidden_states, out.sequences, bound)`` yields the query groups for the decoders.
+A finished sample leaves the batch (its cache rows are dropped), so the remaining steps of a batch that mixes short
+and long answers cost what its unfinished samples cost; logits processors still see the whole batch.
 """
 
 from __future__ import annotations
@@ -43,18 +45,24 @@ class GenerationOutput:
     lengths: torch.Tensor
 
 
-def _check_prompt(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def _check_prompt(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                  max_new_tokens: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's bool mask ``[B, L]`` and the sampled-token budget of each sample ``[B]``."""
     if inputs_embeds.dim() != 3 or attention_mask.shape != inputs_embeds.shape[:2]:
         raise ValueError(
             f"inputs_embeds must be [B, L, C] and attention_mask [B, L]; got {tuple(inputs_embeds.shape)} and "
             f"{tuple(attention_mask.shape)}"
         )
-    if max_new_tokens < 1:
+    budget = torch.as_tensor(max_new_tokens, dtype=torch.long, device=inputs_embeds.device)
+    if budget.dim() > 1 or (budget.dim() == 1 and len(budget) != inputs_embeds.shape[0]):
+        raise ValueError(f"max_new_tokens must be one int or one per sample ({inputs_embeds.shape[0]}), "
+                         f"got {max_new_tokens}")
+    if bool((budget < 1).any()):
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     mask = attention_mask.bool()  # [B, L]
     if not bool(mask[:, -1].all()) or bool((mask.long().diff(dim=1) < 0).any()):
         raise ValueError("attention_mask must describe a left-padded prompt (padding first, then real tokens)")
-    return mask
+    return mask, budget.expand(inputs_embeds.shape[0])
 
 
 def _next_tokens(
@@ -75,6 +83,14 @@ def _next_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, batch: int, fill: float | int | bool) -> torch.Tensor:
+    """``values`` of the decoding rows ``[b, ...]`` placed at their batch indices ``rows`` of a ``[batch, ...]``
+    tensor filled with ``fill``."""
+    if len(rows) == batch:
+        return values
+    return values.new_full((batch, *values.shape[1:]), fill).index_copy(0, rows, values)
+
+
 def _stop_string_hits(
     generated: list[list[int]], active: torch.Tensor, stop_strings: Sequence[str], decode: Callable[[list[int]], str]
 ) -> torch.Tensor:
@@ -92,7 +108,7 @@ def generate(
     query_weight: torch.Tensor,
     embed_tokens: Callable[[torch.Tensor], torch.Tensor],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     do_sample: bool = False,
@@ -112,7 +128,8 @@ def generate(
         bound: the bound route table.
         query_weight: ``[Q, C]`` concatenated query tables (``RouteTable.tables`` order).
         embed_tokens: ids ``[B]`` -> embeddings ``[B, C]`` (the LLM's input embedding).
-        max_new_tokens: maximum number of sampled tokens per sample (query positions not counted).
+        max_new_tokens: maximum number of sampled tokens (query positions not counted): one for every sample, or one
+            per sample.
         eos_token_id: id(s) that end a sample (kept in ``sequences``).
         pad_token_id: id written after a sample's end.
         do_sample: sample instead of greedy decoding.
@@ -126,7 +143,7 @@ def generate(
     Returns:
         The generated ids and the captured hidden states.
     """
-    mask = _check_prompt(inputs_embeds, attention_mask, max_new_tokens)  # [B, L]
+    mask, budget = _check_prompt(inputs_embeds, attention_mask, max_new_tokens)  # [B, L], [B]
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a decode callable")
     batch, device = inputs_embeds.shape[0], inputs_embeds.device
@@ -148,15 +165,17 @@ def generate(
         use_cache=True,
         logits_to_keep=1,
     )
-    logits = out.logits[:, -1].float()  # [B, V]
-    next_position = mask.sum(1)  # [B]
+    logits = out.logits[:, -1].float()  # [b, V]: the rows still decoding (b <= B; finished rows leave)
+    next_position = mask.sum(1)  # [b]
+    rows = torch.arange(batch, device=device)  # [b] the batch index of each decoding row
     active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
     history: list[torch.Tensor] = []
     generated: list[list[int]] = [[] for _ in range(batch)]
     steps_ids, steps_hidden, steps_valid = [], [], []
-    while bool(active.any()):
+    while rows.numel():
         sampled = torch.stack(history, 1) if history else torch.zeros(batch, 0, dtype=torch.long, device=device)
-        tokens = _next_tokens(sampled, logits, bound.placeholder_ids, logits_processor, warpers, generator)  # [B]
+        scores = _scatter_rows(logits, rows, batch, 0.0)  # [B, V]: processors see the whole batch
+        tokens = _next_tokens(sampled, scores, bound.placeholder_ids, logits_processor, warpers, generator)  # [B]
         tokens = torch.where(active, tokens, pad_token_id)  # [B]
         history.append(tokens)
         done = active & torch.isin(tokens, stop_ids)  # [B]
@@ -165,17 +184,13 @@ def generate(
                 if is_active:
                     ids.append(token)
             done |= _stop_string_hits(generated, active, stop_strings, decode)
-        if len(history) >= max_new_tokens:
-            done = active.clone()
-        feed = active & (~done | (bound.route_index(tokens) >= 0))  # [B]: route tokens always get their queries
-        step = build_step(tokens, feed, embed_tokens(tokens), next_position, bound, query_weight, pad_token_id)
-        valid = step.mask.clone()  # [B, W]
-        valid[:, 0] |= active
-        ids = step.ids.clone()  # [B, W]
-        ids[:, 0] = tokens
-        hidden = inputs_embeds.new_zeros(step.embeds.shape)  # [B, W, C]
+        done |= active & (budget <= len(history))
+        own = tokens[rows]  # [b]
+        feed = ~done[rows] | (bound.route_index(own) >= 0)  # [b]: route tokens always get their queries
+        step = build_step(own, feed, embed_tokens(own), next_position, bound, query_weight, pad_token_id)
+        hidden = inputs_embeds.new_zeros(step.embeds.shape)  # [b, W, C]
         if bool(feed.any()):
-            mask = torch.cat([mask, step.mask], dim=1)  # [B, S]
+            mask = torch.cat([mask, step.mask], dim=1)  # [b, S]
             out = llm(
                 inputs_embeds=step.embeds.to(inputs_embeds.dtype),
                 attention_mask=mask.long(),
@@ -184,13 +199,21 @@ def generate(
                 use_cache=True,
                 output_hidden_states=True,
             )
-            hidden = torch.where(step.mask[..., None], out.hidden_states[-1], hidden)  # [B, W, C]
-            logits = out.logits[torch.arange(batch, device=device), step.last_index].float()  # [B, V]
+            hidden = torch.where(step.mask[..., None], out.hidden_states[-1], hidden)  # [b, W, C]
+            logits = out.logits[torch.arange(len(rows), device=device), step.last_index].float()  # [b, V]
             next_position = next_position + step.num_real
-        steps_ids.append(ids)
-        steps_hidden.append(hidden)
-        steps_valid.append(valid)
+        valid = step.mask.clone()  # [b, W]
+        valid[:, 0] = True  # the sampled token, fed or not (an end-of-sequence token is not)
+        ids = step.ids.clone()  # [b, W]
+        ids[:, 0] = own
+        steps_ids.append(_scatter_rows(ids, rows, batch, pad_token_id))
+        steps_hidden.append(_scatter_rows(hidden, rows, batch, 0.0))
+        steps_valid.append(_scatter_rows(valid, rows, batch, False))
         active = active & ~done
+        keep = active[rows]  # [b]
+        if not bool(keep.all()):  # finished rows leave the batch and the cache
+            rows, mask, logits, next_position = rows[keep], mask[keep], logits[keep], next_position[keep]
+            cache.batch_select_indices(keep.nonzero()[:, 0])
     sequences, hidden_states, lengths = compact_steps(
         torch.cat(steps_ids, 1), torch.cat(steps_hidden, 1), torch.cat(steps_valid, 1), pad_token_id
     )

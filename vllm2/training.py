@@ -3,7 +3,8 @@ learning rates matched on module paths, per-decoder loss logs, export to a ``fro
 
 Task-aligned batches keep ZeRO-3 safe: at every step all ranks draw micro-batches with the SAME multiset of tasks
 (from their own shard of each task's samples), so every rank calls the same decoders and no parameter all-gather is
-left waiting. Micro-batches still mix tasks freely.
+left waiting. Micro-batches still mix tasks freely. With ``training.skip_bad_records`` a skipped record is replaced by
+another item of its task (:class:`SubstituteBadRecords`), so the multiset stays the same on the rank that met it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -25,8 +26,8 @@ from .config import VLLM2Config, resolve_deepspeed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TaskAlignedBatchSampler", "VLLM2Trainer", "apply_freeze", "init_from_export", "param_groups",
-           "path_matches", "train"]
+__all__ = ["SubstituteBadRecords", "TaskAlignedBatchSampler", "VLLM2Trainer", "apply_freeze", "init_from_export",
+           "param_groups", "path_matches", "train"]
 
 
 def path_matches(name: str, prefix: str) -> bool:
@@ -52,23 +53,26 @@ def apply_freeze(model: nn.Module, prefixes: Sequence[str]) -> int:
 def init_from_export(model: nn.Module, folder: str | Path) -> list[str]:
     """Initialise ``model`` from a previous stage's export (a ``save_pretrained`` folder, read by ``from_pretrained``).
 
-    Every tensor of the export must exist in ``model`` with the same shape; tensors it lacks (the modules this stage
-    adds, such as decoders after a stage without them) keep their values.
+    Every tensor of the export must exist in ``model`` with the same shape (the LLM's plain and LoRA-wrapped names
+    stand for each other); tensors it lacks (the modules this stage adds, such as decoders after a stage without
+    them, or fresh LoRA adapters) keep their values.
 
     Returns:
         The top-level modules of ``model`` the export did not have.
     """
-    from .modeling import VisionLLMv2Model
+    from .modeling import VisionLLMv2Model, onto_keys
 
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"config key training.init_from: {str(folder)!r} is not a model folder "
                                 "(no config.json)")
-    previous = VisionLLMv2Model.from_pretrained(folder).state_dict()
     own = model.state_dict()
+    previous = onto_keys(VisionLLMv2Model.from_pretrained(folder).state_dict(), own)  # plain <-> LoRA-wrapped LLM
     alien = [k for k, v in previous.items() if k not in own or own[k].shape != v.shape]
     if alien:
+        hint = (" (LoRA adapters: set llm.lora as the export had it, or merge them first with `vllm2 export "
+                "--merge-lora`)" if any("lora_" in k for k in alien) else "")
         raise ValueError(f"config key training.init_from: {len(alien)} tensors of {str(folder)!r} have no place of "
-                         f"that shape in this model, e.g. {alien[:5]}")
+                         f"that shape in this model, e.g. {alien[:5]}{hint}")
     model.load_state_dict(previous, strict=False)
     added = sorted({k.split(".")[0] for k in own if k not in previous})
     logger.info("initialised from %s; modules it did not have: %s", folder, added)
@@ -91,6 +95,12 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, multipliers: 
     return [{"params": ps, "lr": group_lr, "weight_decay": wd} for (group_lr, wd), ps in groups.items()]
 
 
+def _task_pools(tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """Task name -> the indices of its items, ascending (tasks in sorted order)."""
+    array = np.asarray(tasks)
+    return {t: np.flatnonzero(array == t) for t in sorted(set(tasks))}
+
+
 class TaskAlignedBatchSampler(Sampler[list[int]]):
     """Micro-batches whose task composition is the same on every rank at every step.
 
@@ -109,8 +119,8 @@ class TaskAlignedBatchSampler(Sampler[list[int]]):
     def __init__(self, tasks: Sequence[str], batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
                  weights: dict[str, float] | None = None) -> None:
         self.batch_size, self.world_size, self.rank, self.seed, self.epoch = batch_size, world_size, rank, seed, 0
-        self.names = sorted(set(tasks))
-        self.pools = {t: np.array([i for i, x in enumerate(tasks) if x == t]) for t in self.names}
+        self.pools = _task_pools(tasks)
+        self.names = list(self.pools)
         w = np.array([(weights or {}).get(t, len(self.pools[t])) for t in self.names], dtype=np.float64)
         self.probs = w / w.sum()
         self.num_steps = math.ceil(len(tasks) / (batch_size * world_size))
@@ -138,6 +148,43 @@ class TaskAlignedBatchSampler(Sampler[list[int]]):
                 batch.append(int(order[task][cursor[task] % len(order[task])]))
                 cursor[task] += 1
             yield batch
+
+
+class SubstituteBadRecords(Dataset):
+    """A dataset whose skipped bad records (``None`` items) are replaced by the next readable item of the same task,
+    in index order and wrapping around. A rank that drops the only sample of a task from its micro-batch would skip
+    that decoder and, under ZeRO-3, leave the other ranks waiting in its parameter gathers; a substitute of the same
+    task keeps every rank's task multiset (:class:`TaskAlignedBatchSampler`) whole. The reader still counts and
+    reports the bad record.
+
+    Args:
+        dataset: the dataset (a :class:`~vllm2.data.Mixture` reading with ``skip_bad_records``).
+        tasks: the task of every item.
+    """
+
+    def __init__(self, dataset: Any, tasks: Sequence[str]) -> None:
+        if len(tasks) != len(dataset):
+            raise ValueError(f"{len(tasks)} tasks for {len(dataset)} items")
+        self.dataset, self.tasks, self.pools = dataset, list(tasks), _task_pools(tasks)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        task = self.tasks[index]
+        pool = self.pools[task]
+        start = int(np.searchsorted(pool, index))
+        for step in range(len(pool)):
+            sample = self.dataset[int(pool[(start + step) % len(pool)])]
+            if sample is not None:
+                return sample
+        raise ValueError(f"every one of the {len(pool)} items of task {task!r} is a bad record (training."
+                         "skip_bad_records); nothing can stand in for them")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to the dataset."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 class _LossMeans:
@@ -338,8 +385,9 @@ def train(cfg: VLLM2Config, resume: bool | str | None = None) -> VLLM2Trainer:
     args = training_arguments(cfg)
     processor = VisionLLMv2Processor.from_config(cfg)
     dataset = build_mixture(cfg, processor.routes)
-    trainer = VLLM2Trainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(processor, t.max_length),
-                           project=cfg, tasks=dataset.tasks)
+    train_dataset = SubstituteBadRecords(dataset, dataset.tasks) if t.skip_bad_records else dataset
+    trainer = VLLM2Trainer(model=model, args=args, train_dataset=train_dataset,
+                           data_collator=Collator(processor, t.max_length), project=cfg, tasks=dataset.tasks)
     average = None
     if t.ema_decay > 0:
         if is_deepspeed_zero3_enabled():

@@ -131,12 +131,16 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
         self.sd_unet.requires_grad_(config.train_unet)
         if config.gradient_checkpointing:
             self.sd_unet.enable_gradient_checkpointing()
-        self._warned_no_tokenizer = False
         self._warned_truncated = False
 
     @property
     def device(self) -> torch.device:
         return self.llm2sd_mapper_queries.device
+
+    @property
+    def queries_per_group(self) -> int:
+        """K: the mapper reads ``num_queries`` query states per group."""
+        return self.config.num_queries
 
     # ----------------------------------------------------------------- query states -> prompt embeddings
     def _check_queries(self, queries: torch.Tensor, query_mask: torch.Tensor) -> None:
@@ -249,16 +253,18 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
     def alignment_loss(self, prompts: torch.Tensor, captions: list[str | None]) -> torch.Tensor | None:
         """MSE between prompt embeddings and the frozen CLIP text embedding of their captions.
 
-        Returns None (no term) when the weight is 0, no caption is given, or there is no text encoder/tokenizer.
+        Returns None (no term) when the weight is 0, no caption is given, or there is no text encoder.
+
+        Raises:
+            ValueError: captions are given and the loss is on, but the text encoder has no tokenizer.
         """
         keep = [i for i, caption in enumerate(captions) if caption is not None]
         if self.config.align_loss_weight == 0 or self.sd_text_encoder is None or not keep:
             return None
         if self.sd_tokenizer is None:
-            if not self._warned_no_tokenizer:
-                logger.warning("%s: captions given but no CLIP tokenizer is set; alignment loss skipped", self.name)
-                self._warned_no_tokenizer = True
-            return None
+            raise ValueError(f"{self.name}: the alignment loss needs the text encoder's tokenizer, and none is set: "
+                             "give pretrained_path (a folder with tokenizer/), text_tokenizer: llm, or call "
+                             f"set_tokenizer; or turn the loss off with {self.name}.align_loss_weight: 0")
         texts = [captions[i] for i in keep]
         self._warn_truncated(texts)
         with torch.no_grad():

@@ -55,7 +55,8 @@ class DiffusionConfig:
 
     Training:
         train_unet: whether the UNet is trained (a frozen UNet still passes gradients to the prompt embeddings).
-        align_loss_weight: weight of MSE(mapper output, CLIP text embedding of the caption); 0 disables it.
+        align_loss_weight: weight of MSE(mapper output, CLIP text embedding of the caption); 0 disables it. When
+            it is on, training on a captioned sample without a text-encoder tokenizer raises.
         noise_samples: draws of timestep and noise per training image, averaged in the diffusion loss: more draws
             lower the variance of the UNet's gradient (few images per step in a task mixture) for UNet compute only.
         null_prompt: the unconditional prompt for conditioning dropout and guidance: ``"empty"`` (the text

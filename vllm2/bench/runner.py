@@ -6,6 +6,11 @@ sample whose emitted route tokens are not exactly the task's (a text task: none)
 correctly routed samples is reported as ``routing_accuracy``. Teacher-forced mode feeds the gold answer with its
 routes in one forward pass and runs each decoder's ``predict`` on the gathered query groups.
 
+Failures show: a decoder that raised and a route to a decoder the model does not have are scored as misses and
+counted, for every task alike, in ``decoder_errors`` and ``unconfigured_routes`` (``{"count", "first"}``: the number
+and the first messages, each naming the sample's source). ``routed_predictor(..., strict=True)`` raises them instead;
+teacher-forced runs always raise.
+
 Sharding: the items are split into contiguous blocks, one per process; every process scores its block and the
 records are gathered on rank 0, ordered by item and aggregated once, so the metrics are those of one process that
 saw every item.
@@ -37,13 +42,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODES", "Predictor", "Record", "check_samples", "evaluate", "evaluate_sharded", "folder_weights_sha256",
-           "from_chat", "merge_records", "predict_records", "routed_predictor", "routes_in_text", "shard",
-           "state_dict_sha256", "summarize", "teacher_forced_predictor"]
+__all__ = ["FAILURES", "MODES", "Predictor", "Record", "check_samples", "evaluate", "evaluate_sharded",
+           "folder_weights_sha256", "from_chat", "merge_records", "predict_records", "routed_predictor",
+           "routes_in_text", "shard", "state_dict_sha256", "summarize", "teacher_forced_predictor"]
 
 MODES = ("routed", "teacher-forced")
+FAILURES = ("decoder_errors", "unconfigured_routes")  # summary keys of the counted decoder failures
+FIRST_MESSAGES = 5  # messages kept per failure kind in a summary
 Predictor = Callable[[list[TaskSample]], list[SamplePrediction]]
-Record = tuple[int, bool, dict]  # (item index, routed correctly, the task's score record)
+# (item index, routed correctly, the task's score record, (failure kind, message) of each failed decoder output)
+Record = tuple[int, bool, dict, list[tuple[str, str]]]
 
 
 # ---------------------------------------------------------------------------------------------------- predictions
@@ -71,7 +79,8 @@ def from_chat(result: ChatResult, routes: RouteTable) -> SamplePrediction:
         if len(group_routes) != len(out.phrases):
             logger.warning("decoder %s: %d groups in the text but %d phrases", out.decoder, len(group_routes),
                            len(out.phrases))
-        outputs[out.decoder] = DecoderPrediction(group_routes, list(out.phrases), out.result, out.error)
+        outputs[out.decoder] = DecoderPrediction(group_routes, list(out.phrases), out.result, out.error,
+                                                 out.unconfigured)
     return SamplePrediction(result.text, tokens, outputs)
 
 
@@ -84,8 +93,10 @@ def routed_predictor(
     processor: VisionLLMv2Processor,
     decoder_options: dict[str, dict[str, Any]] | None = None,
     max_new_tokens: int = 512,
+    strict: bool = False,
 ) -> Predictor:
-    """Greedy batched chat on the question turn; the model picks the routes."""
+    """Greedy batched chat on the question turn; the model picks the routes. ``strict``: a decoder's exception (or a
+    route to an unconfigured decoder) is raised instead of recorded in the prediction."""
 
     def predict(samples: list[TaskSample]) -> list[SamplePrediction]:
         prompts = [s.turns[-1][1] for s in samples]
@@ -93,7 +104,7 @@ def routed_predictor(
         regions = [[mask for mask, _ in s.regions] for s in samples]
         results = model.chat(processor, [list(s.images) or None for s in samples], prompts,
                              regions if any(regions) else None, history=history, max_new_tokens=max_new_tokens,
-                             decoder_options=decoder_options)
+                             decoder_options=decoder_options, raise_decoder_errors=strict)
         return [from_chat(r, processor.routes) for r in results]
 
     return predict
@@ -149,6 +160,12 @@ def _routed_ok(pred: SamplePrediction, expected: Sequence[str]) -> bool:
     return set(pred.routes) == set(expected)
 
 
+def _failures(pred: SamplePrediction, source: str) -> list[tuple[str, str]]:
+    """``(kind, message)`` of each decoder output of ``pred`` with an error; kind is one of :data:`FAILURES`."""
+    return [("unconfigured_routes" if out.unconfigured else "decoder_errors", f"{source}: {out.error}")
+            for out in pred.outputs.values() if out.error is not None]
+
+
 def predict_records(
     task: BenchTask,
     dataset: TaskDataset,
@@ -184,7 +201,8 @@ def predict_records(
                 raise RuntimeError(f"the predictor returned {len(preds)} predictions for {len(samples)} samples")
             for i, sample, pred in zip(chunk, samples, preds):
                 ok = mode == "teacher-forced" or _routed_ok(pred, expected)
-                records.append((i, ok, task.score(dataset, i, sample, pred if ok else None)))
+                score = task.score(dataset, i, sample, pred if ok else None)
+                records.append((i, ok, score, _failures(pred, sample.source)))
             bar.update(len(chunk))
     return records
 
@@ -199,11 +217,17 @@ def merge_records(parts: Sequence[Sequence[Record]]) -> list[Record]:
 
 
 def summarize(task: BenchTask, dataset: TaskDataset, records: Sequence[Record], mode: str) -> dict[str, Any]:
-    """Metrics of a run: the task's aggregate, the sample count and (routed) the routing accuracy."""
-    summary: dict[str, Any] = {"metrics": task.aggregate(dataset, [r for _, _, r in records]),
+    """Metrics of a run: the task's aggregate, the sample count, (routed) the routing accuracy, and per kind of
+    :data:`FAILURES` the count and the first messages (logged as a warning when not zero)."""
+    summary: dict[str, Any] = {"metrics": task.aggregate(dataset, [r[2] for r in records]),
                                "num_samples": len(records)}
     if mode == "routed":
-        summary["routing_accuracy"] = sum(ok for _, ok, _ in records) / len(records) if records else 0.0
+        summary["routing_accuracy"] = sum(r[1] for r in records) / len(records) if records else 0.0
+    for kind in FAILURES:
+        messages = [message for r in records for k, message in r[3] if k == kind]
+        summary[kind] = {"count": len(messages), "first": messages[:FIRST_MESSAGES]}
+        if messages:
+            logger.warning("%s: %d (scored as misses); first: %s", kind, len(messages), messages[0])
     return summary
 
 

@@ -4,7 +4,9 @@ A task scores each sample into a small record (plain Python data, so shards can 
 aggregates the records of the whole run with the metric functions of this package. A prediction is a
 :class:`SamplePrediction`: the generated text, the route tokens emitted, and per decoder the route token and (in
 routed mode) the phrase of each query group with the decoder's result. In teacher-forced mode ``phrases`` is None:
-the prompt lists every category / keypoint in dataset order, so a group index is the dataset index.
+the prompt lists every category / keypoint in dataset order, so a group index is the dataset index. Decoder errors and
+routes to unconfigured decoders are counted by the runner (:func:`~vllm2.bench.runner.summarize`), for every task
+alike; here they are misses.
 
 Routed predictions map phrases to the dataset's vocabulary by :func:`normalize_name` (a phrase that names nothing
 is dropped). ``None`` as a prediction is a miss (missing or wrong route): no detections, empty text, 0 similarity.
@@ -45,12 +47,14 @@ class DecoderPrediction:
         phrases: the phrase the model wrote before each group (routed), or None (teacher-forced).
         result: the decoder's per-sample result (dict of tensors, or a PIL image); None on error.
         error: a message when the decoder is missing or failed.
+        unconfigured: the decoder is not configured in the model (``error`` says so).
     """
 
     group_routes: list[str]
     phrases: list[str] | None = None
     result: Any = None
     error: str | None = None
+    unconfigured: bool = False
 
 
 @dataclass
@@ -302,8 +306,7 @@ class SemsegTask(BenchTask):
     The decoder reads the ``[SEG]`` groups in detection mode with masks; the masks above
     ``TaskOptions.mask_score_threshold`` are painted into a label map (higher score wins, uncovered pixels are the
     background, class 0). A miss (wrong route, decoder error, no result) is an all-background map, counted in
-    ``missing`` (and ``decoder_errors``); a routed phrase that names no class is dropped and counted in
-    ``unknown_phrases``.
+    ``missing``; a routed phrase that names no class is dropped and counted in ``unknown_phrases``.
     """
 
     name = "semseg"
@@ -342,7 +345,6 @@ class SemsegTask(BenchTask):
 
     def score(self, dataset, index, sample, pred):
         label = dataset.label_map(index, sample.images[0].size)  # [H, W]
-        raw = pred.outputs.get(self.decoder()) if pred is not None else None
         out = _output(pred, self.decoder())
         if out is None:  # a miss: background everywhere
             predicted, unknown = np.zeros(label.shape, dtype=np.int64), 0  # [H, W]
@@ -352,8 +354,7 @@ class SemsegTask(BenchTask):
         inter, pred_area, label_area = semseg_counts(predicted, label, len(dataset.classes),
                                                      reduce_zero_label=self.options.reduce_zero_label)
         return {"inter": inter.tolist(), "pred": pred_area.tolist(), "label": label_area.tolist(),
-                "missing": out is None, "decoder_error": raw is not None and raw.error is not None,
-                "unknown_phrases": unknown}
+                "missing": out is None, "unknown_phrases": unknown}
 
     def aggregate(self, dataset, records):
         names = list(dataset.classes)
@@ -362,9 +363,8 @@ class SemsegTask(BenchTask):
             names, rows = names[1:], [tuple(c[1:] for c in row) for row in rows]
         metrics = semseg_metrics([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], names)
         metrics["reduce_zero_label"] = self.options.reduce_zero_label
-        for key, field_name in (("missing", "missing"), ("decoder_errors", "decoder_error"),
-                                ("unknown_phrases", "unknown_phrases")):
-            metrics[key] = int(sum(r[field_name] for r in records))
+        for key in ("missing", "unknown_phrases"):
+            metrics[key] = int(sum(r[key] for r in records))
         return metrics
 
 

@@ -16,12 +16,17 @@ same file stem and size, 8-bit single channel class indices: 0 = background / "o
 ``classes.txt`` (one class name per line, line k = class k, line 0 the background's name). The model is asked to
 segment classes 1..K-1; its ``[SEG]`` masks scoring above ``--mask-score-threshold`` are painted into a label map
 (higher score wins, uncovered pixels are background). Reported: mIoU (mean over classes with a non-zero union),
-aAcc (pixel accuracy), mAcc, per-class IoU and accuracy, and the counts of missing answers, decoder errors and
-unknown phrases. ``--reduce-zero-label`` ignores pixels labelled 0 and leaves class 0 out (ADE20K's protocol).
+aAcc (pixel accuracy), mAcc, per-class IoU and accuracy, and the counts of missing answers and unknown phrases.
+``--reduce-zero-label`` ignores pixels labelled 0 and leaves class 0 out (ADE20K's protocol).
 
 Modes: ``routed`` (default) asks the question only and lets the model choose its routes (a wrong or missing route is a
 miss; the routing accuracy is reported); ``teacher-forced`` feeds the gold answer with its routes in one forward pass
 (the official evaluation protocol of the decoder tasks).
+
+Failures show in every task's result: a decoder that raised, and a route the model wrote to a decoder it does not
+have, are scored as misses and counted in ``decoder_errors`` and ``unconfigured_routes`` (``{"count", "first"}``, the
+first messages naming their samples). ``--strict`` stops the run with the decoder's exception instead (teacher-forced
+runs always stop).
 
 Every file is checked (annotation file, every record and image of the run, model folder, CLIP weights) before the
 model runs. ``--nproc N`` runs N processes through torchrun (gloo) and merges their results.
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--reduce-zero-label", action="store_true",
                         help="semseg: ignore pixels labelled 0 and leave class 0 out of the metrics (ADE20K)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first decoder error or route to an unconfigured decoder (default: count "
+                             "them in the result and score the sample as a miss)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -244,8 +252,8 @@ def _result(args: argparse.Namespace, summary: dict, dataset: Any, model: Any, w
                            "image_root": str(Path(dataset.image_root).resolve())},
                  "split": args.split or Path(args.data).stem, "limit": args.limit},
         "run": {"batch_size": args.batch_size, "nproc": int(os.environ.get("WORLD_SIZE", "1")),
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "device": _device(args.device),
-                "seconds": round(seconds, 3), "vllm2_version": __version__},
+                "max_new_tokens": args.max_new_tokens, "strict": args.strict, "seed": args.seed,
+                "device": _device(args.device), "seconds": round(seconds, 3), "vllm2_version": __version__},
         "config": config_to_dict(model.cfg),
     }
 
@@ -267,7 +275,8 @@ def _run(args: argparse.Namespace, distributed: bool) -> int:
     model.to(_device(args.device))
     weights = runner.folder_weights_sha256(args.model) if args.model else runner.state_dict_sha256(model)
     if args.mode == "routed":
-        predictor = runner.routed_predictor(model, processor, task.decoder_options(), args.max_new_tokens)
+        predictor = runner.routed_predictor(model, processor, task.decoder_options(), args.max_new_tokens,
+                                            strict=args.strict)
     else:
         predictor = runner.teacher_forced_predictor(model, processor, task.decoder_options())
     evaluate = runner.evaluate_sharded if distributed else runner.evaluate
