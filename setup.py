@@ -27,6 +27,7 @@ REQUIRES = [
     "tensorboard>=2.17",
     "fastapi>=0.110",
     "uvicorn>=0.30",
+    "python-multipart>=0.0.9",
 ]
 
 setup(

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["load_image", "to_rgb", "choose_grid", "anyres_tiles"]
+__all__ = ["ImageTooLarge", "load_image", "decode_image", "to_rgb", "choose_grid", "anyres_tiles"]
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than allowed (a possible decompression bomb)."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -41,15 +47,35 @@ def load_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+    return _read(path, repr(str(path)), max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int, name: str = "from bytes") -> Image.Image:
+    """Decode the bytes of an image file as RGB, with the guards of :func:`load_image`.
+
+    Args:
+        data: the file's bytes (PNG, JPEG, ...).
+        max_pixels: images with more pixels are refused before decoding (decompression bombs).
+        name: how error messages name the image.
+    Raises:
+        ValueError: not a readable image; :class:`ImageTooLarge` (a ``ValueError``): too many pixels.
+    """
+    return _read(io.BytesIO(data), name, max_pixels)
+
+
+def _read(source: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    """Open, check the pixel count from the header, then decode and convert to RGB."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.width * img.height > max_pixels:
-                raise ValueError(f"image {str(path)!r} has {img.width}x{img.height} pixels, over the limit of "
-                                 f"{max_pixels} (possible decompression bomb)")
+                raise ImageTooLarge(f"image {name} has {img.width}x{img.height} pixels, over the limit of "
+                                    f"{max_pixels} (possible decompression bomb)")
             img.load()
             return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {str(path)!r}: {err}") from err
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"image {name}: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {name}: {err}") from err
 
 
 def choose_grid(width: int, height: int, tile: int, max_tiles: int) -> tuple[int, int]:

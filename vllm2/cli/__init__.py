@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "train": "train a model (HF Trainer + DeepSpeed; --nproc N launches N processes per node)",
     "bench": "measure a model on a task's dataset (COCO AP, Acc@0.5, cIoU, keypoint AP, VQA, CIDEr, CLIP); writes JSON",
     "demo": "a local web page (gradio) to chat with a model about an image and see its boxes, masks and images",
+    "serve": "an OpenAI-compatible HTTP server (chat completions, images) with dynamic batching",
     "tower": "stage 0: pretrain an open_clip vision tower by patch-phrase contrast; linear-probe a tower's features",
     "data": "make datasets: `data shapes` writes the synthetic shapes world in every task's format",
     "convert": "convert released VisionLLM v2 weights (`convert official SRC DST`) into a vllm2 model folder",
