@@ -38,3 +38,13 @@ def tiny_processor(tiny_cfg):
     from vllm2 import VisionLLMv2Processor
 
     return VisionLLMv2Processor.from_config(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def real_folders(tmp_path_factory):
+    """The tiny real-format folders of ``tests/realformat.py`` (CLIP, Llama, Qwen2, GroundingDINO, SD, IP2P, Swin,
+    open_clip), sized for ``tests/data/journey.yaml``, written once per session."""
+    from realformat import JOURNEY, write_all
+    from vllm2 import load_config
+
+    return write_all(tmp_path_factory.mktemp("realformat"), load_config(JOURNEY))

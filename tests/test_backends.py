@@ -177,8 +177,9 @@ def test_pretrained_llm_folder_loads_with_and_without_lora(tmp_path, lora):
         wrapped = lora and name != "lm_head"
         expected = source.get_submodule(name).weight
         assert torch.equal((layer.base_layer if wrapped else layer).weight[:len(expected)], expected), name
-    if lora:
-        assert all(p.requires_grad == ("lora_" in n) for n, p in model.llm.named_parameters())
+    if lora:  # adapters and, as in the official recipe, the token embeddings and LM head (the new rows must learn)
+        trained = ("lora_", "embed_tokens.", "lm_head.")
+        assert all(p.requires_grad == any(t in n for t in trained) for n, p in model.llm.named_parameters())
 
 
 def test_a_folder_of_the_wrong_kind_as_llm_is_named(tmp_path):

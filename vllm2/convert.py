@@ -52,7 +52,8 @@ from superlink import RouteTable
 from .config import VLLM2Config, config_to_dict, load_config
 from .modeling import VisionLLMv2Config, VisionLLMv2Model
 from .processor import VisionLLMv2Processor
-from .tokenizer import IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, load_tokenizer, special_tokens
+from .tokenizer import (IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, load_tokenizer, misplaced_tokens, official_token_ids,
+                        special_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -620,11 +621,6 @@ def load_official_tokenizer(src: str | Path, routes: RouteTable) -> PreTrainedTo
     return load_tokenizer(str(src), "the official folder", routes=routes)
 
 
-def official_token_ids(routes: RouteTable, first: int = 32000) -> dict[str, int]:
-    """The official special-token ids: the 26 tokens in order from ``first`` (``[PAD]`` 32000 ... ``[EMB8]`` 32025)."""
-    return {token: first + i for i, token in enumerate(special_tokens(routes))}
-
-
 def check_token_ids(tokenizer: PreTrainedTokenizerBase, routes: RouteTable, vocab_size: int) -> dict[str, int]:
     """Check that the special tokens hold the last ids in the official order and that the vocabulary fits the LLM.
 
@@ -638,11 +634,9 @@ def check_token_ids(tokenizer: PreTrainedTokenizerBase, routes: RouteTable, voca
     if len(tokenizer) != vocab_size:
         raise ConversionError(f"tokenizer has {len(tokenizer)} tokens but llm_config.vocab_size is {vocab_size}")
     expected = official_token_ids(routes, len(tokenizer) - len(special_tokens(routes)))
-    wrong = {t: (tokenizer.convert_tokens_to_ids(t), i) for t, i in expected.items()
-             if tokenizer.convert_tokens_to_ids(t) != i}
+    wrong = misplaced_tokens(tokenizer, expected)
     if wrong:
-        listing = ", ".join(f"{t} is {got}, expected {want}" for t, (got, want) in wrong.items())
-        raise ConversionError(f"tokenizer special-token ids differ from the official order: {listing}")
+        raise ConversionError(f"tokenizer special-token ids differ from the official order: {wrong}")
     names = [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
     return {name: expected[name] for name in names}
 

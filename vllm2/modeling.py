@@ -6,14 +6,16 @@ Parameter names follow the official layout (``vis_encoder.``, ``llm.``, ``vl_bri
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig,
+                          PreTrainedModel)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
@@ -29,7 +31,7 @@ from .vision import VisionTower
 logger = logging.getLogger(__name__)
 
 __all__ = ["VisionLLMv2Config", "VisionLLMv2Model", "VisionLLMv2Output", "build_model", "llm_config",
-           "model_token_names"]
+           "model_token_names", "onto_keys", "unwrapped_key"]
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -60,6 +62,20 @@ class VisionLLMv2Config(PretrainedConfig):
         return config_from_dict(VLLM2Config, self.vllm2)
 
 
+_FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _lora_adapter_base(folder: str | Path) -> str | None:
+    """For a peft LoRA adapter folder (``adapter_config.json`` and no full model weights): its base model as the
+    adapter names it (``"its base model"`` when unnamed); None for any other folder."""
+    folder = Path(folder)
+    adapter = folder / "adapter_config.json"
+    if not adapter.is_file() or any((folder / name).is_file() for name in _FULL_WEIGHTS):
+        return None
+    return json.loads(adapter.read_text()).get("base_model_name_or_path") or "its base model"
+
+
 def llm_config(cfg: VLLM2Config) -> PretrainedConfig:
     """The LLM's config: read from the local folder when ``llm.pretrained`` is set (which must hold a causal LM),
     else a Llama of the given size. The vocabulary size is set later, from the tokenizer."""
@@ -76,11 +92,30 @@ def llm_config(cfg: VLLM2Config) -> PretrainedConfig:
         )
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"LLM folder {folder!r} (config key llm.pretrained) does not exist")
+    base = _lora_adapter_base(folder)
+    if base:
+        raise ValueError(f"config key llm.pretrained: {folder!r} is a LoRA adapter of {base!r} without the base "
+                         "weights, not a causal LM: set llm.pretrained to the base model's folder, and to start from "
+                         "the adapter merge it into the base first (peft: PeftModel.from_pretrained(base, "
+                         "adapter).merge_and_unload().save_pretrained(DIR))")
     llm_cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
     if llm_cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"config key llm.pretrained: {folder!r} holds a {llm_cfg.model_type!r} model, not a causal "
                          "LM (a Llama, Vicuna, Qwen2, ... folder)")
     return llm_cfg
+
+
+def unwrapped_key(key: str) -> str:
+    """A parameter name as it reads without peft's LoRA wrapping of the LLM: ``llm.base_model.model.X`` -> ``llm.X``
+    and ``….q_proj.base_layer.weight`` -> ``….q_proj.weight`` (adapter tensors keep their ``lora_`` names)."""
+    return key.replace("llm.base_model.model.", "llm.", 1).replace(".base_layer.", ".")
+
+
+def onto_keys(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``state`` renamed onto ``keys`` across the LLM's plain and LoRA-wrapped layouts (a plain export into a LoRA
+    model and back); tensors with no counterpart keep their names."""
+    own = {unwrapped_key(key): key for key in keys}
+    return {own.get(unwrapped_key(key), key): value for key, value in state.items()}
 
 
 def model_token_names(routes: RouteTable) -> list[str]:
@@ -153,7 +188,9 @@ class VisionLLMv2Model(PreTrainedModel):
         self.vis_encoder = VisionTower(cfg.vision, cfg.region.num_levels if cfg.region.enabled else 0)
         llm_cfg = AutoConfig.for_model(**config.llm_config)
         llm_cfg._attn_implementation = cfg.llm.attn_implementation
-        self.llm = AutoModelForCausalLM.from_config(llm_cfg, attn_implementation=cfg.llm.attn_implementation)
+        # The default dtype (fp32, or what from_pretrained sets), not the folder's storage dtype (Vicuna's fp16)
+        self.llm = AutoModelForCausalLM.from_config(llm_cfg, attn_implementation=cfg.llm.attn_implementation,
+                                                    dtype=torch.get_default_dtype())
         width = llm_cfg.hidden_size
         self.vl_bridge = _build_bridge(cfg.bridge.type, cfg.vision.hidden_size, width)
         self.region_encoder = (
@@ -180,11 +217,13 @@ class VisionLLMv2Model(PreTrainedModel):
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> VisionLLMv2Model:
-        """HF ``from_pretrained``, then every tensor copied to freshly allocated (aligned) memory: tensors read from a
-        memory-mapped safetensors file can be unaligned, which makes some CPU conv kernels round differently, and a
-        loaded model must reproduce the saved one bit for bit."""
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, folder: str | Path, *args: Any, **kwargs: Any) -> VisionLLMv2Model:
+        """HF ``from_pretrained`` of a vllm2 model folder, then every tensor copied to freshly allocated (aligned)
+        memory: tensors read from a memory-mapped safetensors file can be unaligned, which makes some CPU conv kernels
+        round differently, and a loaded model must reproduce the saved one bit for bit. A LoRA adapter folder or
+        another model's folder is one clear error."""
+        _check_model_folder(Path(folder))
+        model = super().from_pretrained(folder, *args, **kwargs)
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
                 tensor.data = tensor.data.clone()
@@ -199,11 +238,31 @@ class VisionLLMv2Model(PreTrainedModel):
         return [getattr(self, f"emb_embeddings_{t}") for t in self.routes.tables if hasattr(self, f"emb_embeddings_{t}")]
 
     def _apply_lora(self) -> None:
+        """Wrap the LLM in peft LoRA; the token embeddings and the LM head stay trainable (as in the official recipe):
+        the added special tokens start as one mean row and must learn to differ."""
         from peft import LoraConfig, get_peft_model
 
         lora = self.cfg.llm.lora
         self.llm = get_peft_model(self.llm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                        target_modules=list(lora.target_modules)))
+        for module in (self.llm.get_input_embeddings(), self.llm.get_output_embeddings()):
+            module.requires_grad_(True)
+        self._refresh_tied_keys()
+
+    def _refresh_tied_keys(self) -> None:
+        """Recompute the names of tied parameters after peft moved the LLM under ``llm.base_model.model.`` or back
+        (``post_init`` recorded them before): transformers ties and saves by these names (tied embeddings, Qwen2)."""
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the LLM's weights (peft ``merge_and_unload``): the LLM becomes a plain causal
+        LM and the config says LoRA is off, so :meth:`save_pretrained` writes a folder without adapters."""
+        if not hasattr(self.llm, "peft_config"):
+            raise ValueError("the model has no LoRA adapters to merge (llm.lora.enabled is false in its config)")
+        self.llm = self.llm.merge_and_unload()
+        self.config.vllm2["llm"]["lora"]["enabled"] = False
+        self.cfg = self.config.project
+        self._refresh_tied_keys()
 
     @property
     def bound(self) -> BoundRoutes:
@@ -233,13 +292,17 @@ class VisionLLMv2Model(PreTrainedModel):
                 decoder.set_tokenizer(tokenizer)
 
     def _load_pretrained_llm(self, folder: str) -> None:
-        """Copy a causal-LM folder's weights into the LLM (new token rows mean-initialised). With LoRA applied, the
-        weights go under its wrapped layers (``….q_proj.base_layer.weight``) and the adapters keep their init."""
-        source = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        """Copy a causal-LM folder's weights into the LLM. The rows of the tokens added to the tokenizer start at the
+        mean of the rows of its own vocabulary (an embedding padded past the vocabulary, as Qwen2's, is cut there
+        first). With LoRA applied, the weights go under its wrapped layers (``….q_proj.base_layer.weight``) and the
+        adapters keep their init."""
+        target = self.llm.get_base_model() if hasattr(self.llm, "peft_config") else self.llm
+        source = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=target.dtype)
+        vocabulary = len(AutoTokenizer.from_pretrained(self.cfg.tokenizer_source()[0], local_files_only=True))
+        source.resize_token_embeddings(vocabulary, mean_resizing=False)
         source.resize_token_embeddings(self.llm.get_input_embeddings().num_embeddings, mean_resizing=True)
         state = source.state_dict()
-        target = self.llm.get_base_model() if hasattr(self.llm, "peft_config") else self.llm
-        plain = {key: key.replace(".base_layer.", ".") for key in target.state_dict() if "lora_" not in key}
+        plain = {key: unwrapped_key(key) for key in target.state_dict() if "lora_" not in key}
         missing = [key for key in plain.values() if key not in state]
         if missing:
             raise ValueError(f"config key llm.pretrained: {folder!r} lacks {len(missing)} tensors of the configured "
@@ -358,6 +421,22 @@ class VisionLLMv2Model(PreTrainedModel):
         decoder_out = decoder(groups.states, groups.mask, prepared, groups.route_ids)
         weight = self.cfg.training.loss_weights.get(name, 1.0)
         return weight * decoder_out.loss, {k: weight * v.detach() for k, v in (decoder_out.loss_dict or {}).items()}
+
+
+def _check_model_folder(folder: Path) -> None:
+    """Raise one clear error when ``folder`` is not a vllm2 model folder (missing, a LoRA adapter, another model)."""
+    config = folder / "config.json"
+    base = _lora_adapter_base(folder)
+    if base:
+        raise ValueError(f"{str(folder)!r} is a LoRA adapter of {base!r} without its base weights, not a vllm2 model "
+                         "folder: give the folder `vllm2 train` exported (OUTPUT_DIR/final holds the base weights "
+                         "and the adapters), or a plain one from `vllm2 export --model THAT --out DIR --merge-lora`")
+    if not config.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a vllm2 model folder (no config.json)")
+    kind = json.loads(config.read_text()).get("model_type")
+    if kind != VisionLLMv2Config.model_type:
+        raise ValueError(f"{str(folder)!r} holds a {kind!r} model, not a vllm2 model: a causal-LM folder goes in "
+                         "llm.pretrained of a config (--config CONFIG llm.pretrained=DIR)")
 
 
 def to_device(data: Any, device: torch.device) -> Any:

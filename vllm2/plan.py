@@ -79,22 +79,15 @@ def plan_training(cfg: VLLM2Config, gpus_per_node: int = 1, nodes: int = 1) -> P
 
 
 def _without_absent_folders(cfg: VLLM2Config) -> tuple[VLLM2Config, list[str]]:
-    """``cfg`` with absent LLM and tokenizer folders cleared (with a note each), and decoder backbones built from the
-    YAML's sizes (a backbone folder would be read with its weights)."""
+    """``cfg`` with absent LLM and tokenizer folders cleared (with a note each); the decoders are built from the
+    YAML's sizes whatever their folders hold."""
     llm, notes = cfg.llm, []
     for key in ("pretrained", "tokenizer"):
         folder = getattr(llm, key)
         if folder and not Path(folder).is_dir():
             notes.append(f"llm.{key} {folder!r} is absent: the YAML's sizes are used")
             llm = dataclasses.replace(llm, **{key: None})
-    decoders = dict(cfg.decoders)
-    for name, dcfg in cfg.decoders.items():
-        folder = getattr(dcfg, "backbone_pretrained", None)
-        if folder:
-            if not Path(folder).is_dir():
-                notes.append(f"{name}.backbone_pretrained {folder!r} is absent: the YAML's sizes are used")
-            decoders[name] = dataclasses.replace(dcfg, backbone_pretrained=None)
-    return dataclasses.replace(cfg, llm=llm, decoders=decoders), notes
+    return dataclasses.replace(cfg, llm=llm), notes
 
 
 def _meta_model(cfg: VLLM2Config, yaml_vocab: bool) -> VisionLLMv2Model:

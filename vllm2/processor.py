@@ -101,7 +101,7 @@ class VisionLLMv2Processor:
         routes = RouteTable.from_config(meta["routes"])
         text_link = TextLink(**meta["text_link"]) if meta.get("text_link") else None
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        add_special_tokens(tokenizer, routes, text_link)
+        add_special_tokens(tokenizer, routes, text_link, where=f"the tokenizer of {str(directory)!r}")
         return cls(tokenizer, config_from_dict(VisionConfig, meta["vision"], "vision"), routes, meta["template"],
                    text_link)
 

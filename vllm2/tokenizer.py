@@ -46,6 +46,17 @@ def special_tokens(routes: RouteTable) -> list[str]:
     return list(MARKER_TOKENS) + list(routes.route_tokens) + list(routes.placeholder_tokens)
 
 
+def official_token_ids(routes: RouteTable, first: int = 32000) -> dict[str, int]:
+    """The official special-token ids: the 26 tokens in order from ``first`` (``[PAD]`` 32000 ... ``[EMB8]`` 32025)."""
+    return {token: first + i for i, token in enumerate(special_tokens(routes))}
+
+
+def misplaced_tokens(tokenizer: PreTrainedTokenizerBase, expected: dict[str, int]) -> str:
+    """``"<image> is 5, expected 32001, ..."`` for every token whose id is not the expected one ("" when none)."""
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in expected}
+    return ", ".join(f"{t} is {ids[t]}, expected {want}" for t, want in expected.items() if ids[t] != want)
+
+
 def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE tokenizer in memory (deterministic, no download).
 
@@ -91,14 +102,19 @@ def load_tokenizer(path: str | None, config_key: str = "llm.tokenizer", *, route
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    add_special_tokens(tokenizer, routes, text_link)
+    add_special_tokens(tokenizer, routes, text_link, where=f"tokenizer folder {path!r} (config key {config_key})")
     return tokenizer
 
 
-def add_special_tokens(tokenizer: PreTrainedTokenizerBase, routes: RouteTable,
-                       text_link: TextLink | None = None) -> int:
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, routes: RouteTable, text_link: TextLink | None = None,
+                       where: str = "the tokenizer") -> int:
     """Add the missing special tokens in the official order, then those of ``text_link``; returns how many were
-    added."""
+    added.
+
+    The 26 official tokens must then hold consecutive ids in the official order (``[PAD]`` first): a tokenizer that
+    already had some of them at other ids, or in another order, is refused (``where`` names it in the error), since
+    weights trained with the official ids would read the wrong embedding rows.
+    """
     wanted = special_tokens(routes) + list(text_link.tokens if text_link else ())
     vocab = tokenizer.get_vocab()
     missing = [t for t in wanted if t not in vocab]
@@ -107,4 +123,9 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, routes: RouteTable,
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"special token {token!r} encodes to {len(ids)} ids {ids}, expected exactly one")
+    wrong = misplaced_tokens(tokenizer, official_token_ids(routes, tokenizer.convert_tokens_to_ids("[PAD]")))
+    if wrong:
+        raise ValueError(f"{where}: the special tokens do not hold the official order of consecutive ids from [PAD] "
+                         f"({wrong}); it already had some of them at other ids: use a tokenizer without them (they "
+                         "are added in order) or with all 26 in the official order")
     return added

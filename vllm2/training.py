@@ -65,8 +65,15 @@ def init_from_export(model: nn.Module, folder: str | Path) -> list[str]:
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"config key training.init_from: {str(folder)!r} is not a model folder "
                                 "(no config.json)")
+    exported = VisionLLMv2Model.from_pretrained(folder)
+    ids, theirs = model.config.token_ids, exported.config.token_ids
+    if ids != theirs:
+        wrong = ", ".join(f"{t} is {i} there, {ids.get(t)} here" for t, i in theirs.items() if ids.get(t) != i)
+        raise ValueError(f"config key training.init_from: the special-token ids of {str(folder)!r} differ from this "
+                         f"config's tokenizer ({wrong}); use the tokenizer it was trained with "
+                         f"(llm.tokenizer={folder})")
     own = model.state_dict()
-    previous = onto_keys(VisionLLMv2Model.from_pretrained(folder).state_dict(), own)  # plain <-> LoRA-wrapped LLM
+    previous = onto_keys(exported.state_dict(), own)  # plain <-> LoRA-wrapped LLM
     alien = [k for k, v in previous.items() if k not in own or own[k].shape != v.shape]
     if alien:
         hint = (" (LoRA adapters: set llm.lora as the export had it, or merge them first with `vllm2 export "

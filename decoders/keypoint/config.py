@@ -19,8 +19,9 @@ class KeypointDecoderConfig:
     Backbone (built from a transformers config with ``AutoBackbone``; stages 2-4 feed the transformer, one extra
     stride-2 convolution adds the fourth level):
         backbone_type: ``"swin"`` or ``"resnet"``.
-        backbone_pretrained: optional local folder holding a transformers backbone checkpoint
-            (``AutoBackbone.from_pretrained(path, local_files_only=True)``); random init when ``None``.
+        backbone_pretrained: optional local folder holding a transformers checkpoint of the backbone (e.g. a
+            ``SwinForImageClassification`` folder), read by ``KeypointDecoder.load_pretrained``; the constructor
+            builds the backbone from the sizes below and never reads it.
         backbone_embed_dim: Swin ``embed_dim`` / ResNet stem width; stage widths are ``embed_dim * 2**i`` (ResNet) or
             set by Swin itself.
         backbone_depths, backbone_num_heads, backbone_window_size: Swin/ResNet stage layout.
@@ -109,6 +110,12 @@ class KeypointDecoderConfig:
         if self.num_feature_levels < 3:
             raise ValueError(f"keypoint.num_feature_levels must be >= 3 (backbone stages 2-4), got "
                              f"{self.num_feature_levels}")
+
+    @property
+    def pretrained_path(self) -> str | None:
+        """The folder ``KeypointDecoder.load_pretrained`` reads (the backbone's), under the name the other decoders'
+        configs give theirs."""
+        return self.backbone_pretrained
 
     @classmethod
     def tiny(cls) -> KeypointDecoderConfig:

@@ -47,6 +47,7 @@ from .modules import (
     build_backbone,
     deformable_config,
     init_deformable_attention,
+    load_backbone,
 )
 from .postprocess import postprocess
 from .preprocess import prepare_images, prepare_targets
@@ -181,6 +182,14 @@ class KeypointDecoder(Decoder):
         )
         self.visibility_embed = nn.ModuleList(nn.Linear(d, 1) for _ in range(n_pose))
         self.criterion = PoseCriterion(config)
+
+    def load_pretrained(self, path: str | None = None) -> None:
+        """Load the backbone's weights from a local transformers folder (default ``config.backbone_pretrained``); the
+        rest of the decoder keeps its initialisation."""
+        path = path or self.config.backbone_pretrained
+        if not path:
+            raise ValueError("keypoint.backbone_pretrained: no backbone folder given")
+        load_backbone(self.backbone, path)
 
     # ------------------------------------------------------------------------------------------------------------
     # inputs

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoBackbone, DeformableDetrConfig, ResNetConfig, SwinConfig
+from transformers import AutoBackbone, AutoConfig, DeformableDetrConfig, ResNetConfig, SwinConfig
 from transformers.models.deformable_detr.modeling_deformable_detr import (
     DeformableDetrMultiscaleDeformableAttention,
     DeformableDetrSinePositionEmbedding,
@@ -22,6 +22,7 @@ from .config import KeypointDecoderConfig
 
 __all__ = [
     "build_backbone",
+    "load_backbone",
     "deformable_config",
     "init_deformable_attention",
     "MultiScaleNeck",
@@ -30,25 +31,19 @@ __all__ = [
 ]
 
 
-def build_backbone(cfg: KeypointDecoderConfig) -> nn.Module:
-    """Build the image backbone (stages 2-4 as outputs) with transformers ``AutoBackbone``.
+BACKBONE_STAGES = ["stage2", "stage3", "stage4"]
 
-    A local ``cfg.backbone_pretrained`` folder loads weights with ``local_files_only=True``; otherwise the backbone is
-    randomly initialised from ``cfg`` (Swin-T by default).
-    """
-    out_features = ["stage2", "stage3", "stage4"]
-    if cfg.backbone_pretrained is not None:
-        path = Path(cfg.backbone_pretrained)
-        if not path.is_dir():
-            raise FileNotFoundError(f"keypoint.backbone_pretrained: no backbone folder at {str(path)!r}")
-        return AutoBackbone.from_pretrained(str(path), out_features=out_features, local_files_only=True)
+
+def build_backbone(cfg: KeypointDecoderConfig) -> nn.Module:
+    """Build the randomly initialised image backbone (stages 2-4 as outputs) of ``cfg``'s sizes (Swin-T by default)
+    with transformers ``AutoBackbone``; :func:`load_backbone` fills it from a local folder."""
     if cfg.backbone_type == "swin":
         config = SwinConfig(
             embed_dim=cfg.backbone_embed_dim,
             depths=list(cfg.backbone_depths),
             num_heads=list(cfg.backbone_num_heads),
             window_size=cfg.backbone_window_size,
-            out_features=out_features,
+            out_features=BACKBONE_STAGES,
         )
     else:
         config = ResNetConfig(
@@ -56,9 +51,33 @@ def build_backbone(cfg: KeypointDecoderConfig) -> nn.Module:
             hidden_sizes=[cfg.backbone_embed_dim * 2**i for i in range(4)],
             depths=list(cfg.backbone_depths),
             layer_type="basic",
-            out_features=out_features,
+            out_features=BACKBONE_STAGES,
         )
     return AutoBackbone.from_config(config)
+
+
+def load_backbone(backbone: nn.Module, path: str) -> None:
+    """Load a local transformers checkpoint of the backbone's family (a Swin or ResNet folder as saved by any of its
+    model classes, e.g. ``SwinForImageClassification``) into ``backbone``; the architecture must match.
+
+    The stage norms of a Swin backbone are not in a classification checkpoint: they keep their initialisation.
+    (``AutoBackbone.from_pretrained`` cannot read a local folder in transformers 5: it asks the Hub whether the path
+    is a repository, so the backbone class is used directly.)
+    """
+    field = "keypoint.backbone_pretrained"
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{field}: no backbone folder (with config.json) at {str(folder)!r}")
+    kind = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    if kind != backbone.config.model_type:
+        raise ValueError(f"{field}: {str(folder)!r} holds a {kind!r} model, but keypoint.backbone_type builds a "
+                         f"{backbone.config.model_type!r} backbone")
+    loaded = type(backbone).from_pretrained(folder, out_features=BACKBONE_STAGES, local_files_only=True)
+    try:
+        backbone.load_state_dict(loaded.state_dict())
+    except RuntimeError as error:
+        raise ValueError(f"{field}: {str(folder)!r} does not fit the backbone built from keypoint.backbone_* "
+                         f"sizes: {error}") from None
 
 
 def deformable_config(cfg: KeypointDecoderConfig) -> DeformableDetrConfig:

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "tower": "stage 0: pretrain an open_clip vision tower by patch-phrase contrast; linear-probe a tower's features",
     "data": "make datasets: `data shapes` writes the synthetic shapes world in every task's format",
     "convert": "convert released VisionLLM v2 weights (`convert official SRC DST`) into a vllm2 model folder",
+    "export": "write a model folder anew; --merge-lora folds the LoRA adapters into the LLM (a plain folder)",
 }
 
 

@@ -1,0 +1,61 @@
+"""``vllm2 export --model DIR --out DIR [--merge-lora]``: write a model folder anew.
+
+With ``--merge-lora`` the LoRA adapters of a model trained with ``llm.lora.enabled`` are folded into the LLM's weights
+(peft's ``merge_and_unload``): the output is a plain folder (safetensors, the config says LoRA is off, the processor
+and tokenizer beside it) that loads and runs without peft's wrapping and gives the same logits. Without it the folder
+is written again as it loads (safetensors). Load the result with ``VisionLLMv2Model.from_pretrained(OUT)`` or
+``vllm2 chat --model OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm2 export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", metavar="DIR", required=True, help="a vllm2 model folder (e.g. OUTPUT_DIR/final)")
+    parser.add_argument("--out", metavar="DIR", required=True, help="the output folder (new or empty)")
+    parser.add_argument("--merge-lora", action="store_true", help="fold the LoRA adapters into the LLM's weights")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def export(model_dir: str | Path, out: str | Path, merge_lora: bool = False) -> None:
+    """Load ``model_dir``, optionally merge its LoRA adapters, and save the model and its processor to ``out``.
+
+    Raises:
+        ValueError: ``out`` is not empty, or ``merge_lora`` for a model without LoRA adapters.
+    """
+    from ..modeling import VisionLLMv2Model
+    from ..processor import VisionLLMv2Processor
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {str(out)!r} is not empty")
+    model = VisionLLMv2Model.from_pretrained(model_dir)
+    processor = VisionLLMv2Processor.from_pretrained(model_dir)
+    if merge_lora:
+        try:
+            model.merge_lora()
+        except ValueError as error:
+            raise ValueError(f"--merge-lora: {str(model_dir)!r}: {error}") from None
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    try:
+        export(args.model, args.out, args.merge_lora)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}" + (" (LoRA merged)" if args.merge_lora else ""))
+    return 0
