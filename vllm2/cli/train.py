@@ -17,6 +17,7 @@ of model states under ZeRO-2 and ZeRO-3 for ``--nproc`` x ``--nnodes`` GPUs, fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -87,7 +88,8 @@ def _dry_run(args: argparse.Namespace) -> int:
     from ..plan import plan_training
 
     try:
-        plan = plan_training(load_config(args.config, args.overrides), args.nproc, args.nnodes)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import logs to stdout; stdout is the plan's
+            plan = plan_training(load_config(args.config, args.overrides), args.nproc, args.nnodes)
     except (KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
