@@ -16,7 +16,10 @@ from transformers.utils import ModelOutput
 
 from superlink import Route
 
-__all__ = ["Decoder", "DecoderOutput", "register_decoder", "build_decoder", "DECODERS"]
+__all__ = ["Decoder", "DecoderOutput", "register_decoder", "build_decoder", "DECODERS", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the pixel statistics the image decoders normalise with
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

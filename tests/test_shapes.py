@@ -17,7 +17,8 @@ from scipy import ndimage
 
 from superlink import RouteTable
 from vllm2 import shapes
-from vllm2.bench.readers import CAPTION_PROMPT, VQA_SUFFIX, CaptionDataset, VqaDataset
+from vllm2.bench import image_judges
+from vllm2.bench.readers import CaptionDataset, VqaDataset
 from vllm2.cli import main as vllm2_main
 from vllm2.cli.data import main as data_main
 from vllm2.data import (
@@ -30,6 +31,7 @@ from vllm2.data import (
     Templates,
     TextToImageDataset,
 )
+from vllm2.data.templates import CAPTION_PROMPT, VQA_SUFFIX
 
 PALETTE = np.asarray(list(shapes.COLOURS.values()), dtype=np.float64)  # [4, 3]
 NAMES = list(shapes.COLOURS)
@@ -299,23 +301,23 @@ def test_t2i_pairs_load_and_the_checkers_read_them(world, templates):
         target = ds[index].targets["sd"]
         assert target["caption"] == f"a {record['colour']} {record['shape']}" == record["caption"]
         assert target["image"].size == (64, 64)
-        assert shapes.dominant_colour(target["image"]) == record["colour"]
-        assert shapes.shape_class(target["image"]) == record["shape"]
+        assert image_judges.dominant_colour(target["image"]) == record["colour"]
+        assert image_judges.shape_class(target["image"]) == record["shape"]
 
 
 def test_checkers_are_right_on_generated_scenes():
     scenes = [shapes.make_scene(np.random.default_rng([7, i])) for i in range(60)]
     truth = [(s.kind, m) for scene in scenes for s, m in zip(scene.shapes, scene.masks)]
     assert {kind for kind, _ in truth} == set(shapes.SHAPES)
-    assert all(shapes.shape_class(mask) == kind for kind, mask in truth)
+    assert all(image_judges.shape_class(mask) == kind for kind, mask in truth)
     for scene in scenes:
         areas = scene.masks.sum((1, 2))  # [N]
         largest = {s.colour for s, area in zip(scene.shapes, areas) if area == areas.max()}  # ties: either
-        assert shapes.dominant_colour(scene.image) in largest
-        labels = shapes.colour_labels(scene.image)
+        assert image_judges.dominant_colour(scene.image) in largest
+        labels = image_judges.colour_labels(scene.image)
         assert np.array_equal(labels >= 0, scene.masks.any(0))
     blank = np.full((32, 32, 3), 240, dtype=np.uint8)
-    assert shapes.dominant_colour(blank) is None and shapes.shape_class(blank) is None
+    assert image_judges.dominant_colour(blank) is None and image_judges.shape_class(blank) is None
 
 
 def test_edit_outputs_differ_from_inputs_only_inside_the_object():
@@ -340,27 +342,27 @@ def test_edit_outputs_differ_from_inputs_only_inside_the_object():
 def test_edit_correct_accepts_true_edits_and_rejects_wrong_ones():
     for i in range(40):
         example = shapes.make_edit(np.random.default_rng([13, i]), size=64)
-        assert shapes.edit_correct(example.input, example.output, example.edit)
-        assert shapes.edit_correct(Image.fromarray(example.input), Image.fromarray(example.output).resize((32, 32),
+        assert image_judges.edit_correct(example.input, example.output, example.edit)
+        assert image_judges.edit_correct(Image.fromarray(example.input), Image.fromarray(example.output).resize((32, 32),
                                    Image.NEAREST), example.edit)
-        assert not shapes.edit_correct(example.input, example.input, example.edit)
+        assert not image_judges.edit_correct(example.input, example.input, example.edit)
         moved = np.roll(example.output, 24, axis=1)
-        assert not shapes.edit_correct(example.input, moved, example.edit)
+        assert not image_judges.edit_correct(example.input, moved, example.edit)
         if example.edit["attribute"] == "colour":
             wrong = next(c for c in shapes.COLOURS if c not in (example.edit["value"],))
             recoloured = example.output.copy()
             recoloured[example.after] = shapes.COLOURS[wrong]
-            assert not shapes.edit_correct(example.input, recoloured, example.edit)
-        others = shapes.colour_labels(example.input) >= 0
+            assert not image_judges.edit_correct(example.input, recoloured, example.edit)
+        others = image_judges.colour_labels(example.input) >= 0
         others &= ~ndimage.binary_dilation(example.before | example.after, iterations=3)
         if others.sum() > 100:  # a second shape: erasing it breaks "keep the rest"
             erased = example.output.copy()
             erased[others] = shapes.PLAIN
-            assert not shapes.edit_correct(example.input, erased, example.edit)
+            assert not image_judges.edit_correct(example.input, erased, example.edit)
     for bad in ({"shape": "circle", "attribute": "texture", "value": "red"}, {"shape": "circle", "attribute": "colour",
                 "value": "purple"}, {"shape": "star", "attribute": "size", "value": "large"}):
         with pytest.raises(ValueError, match="expected edit must be"):
-            shapes.edit_correct(example.input, example.output, bad)
+            image_judges.edit_correct(example.input, example.output, bad)
 
 
 def test_edit_triplets_load_with_the_reader(world, templates):
@@ -368,7 +370,7 @@ def test_edit_triplets_load_with_the_reader(world, templates):
     for index, record in enumerate(ds.records):
         sample = ds[index]
         assert record["instruction"] in sample.turns[0][1]
-        assert shapes.edit_correct(sample.images[0], sample.targets["ip2p"]["image"], record["edit"])
+        assert image_judges.edit_correct(sample.images[0], sample.targets["ip2p"]["image"], record["edit"])
 
 
 # ------------------------------------------------------------------------------------------------ CLI

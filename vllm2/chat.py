@@ -20,8 +20,8 @@ from PIL import Image
 
 from superlink import CLASS_TOKEN, ParsedText, QueryGroups, RouteTable, TextBox, TextLink, gather_queries
 
+from .device import to_device
 from .generation import generate
-from .modeling import to_device
 from .processor import Sample
 
 if TYPE_CHECKING:

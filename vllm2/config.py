@@ -13,6 +13,8 @@ import yaml
 
 from superlink import RouteTable, TextLink
 
+from .images import MAX_IMAGE_PIXELS
+
 _PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # where a wheel puts the repository's configs/
 CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
@@ -53,7 +55,7 @@ class VisionConfig:
     freeze: bool = True
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
-    max_image_pixels: int = 89_478_485  # decompression-bomb limit (PIL's default)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # decompression-bomb limit (PIL's default)
 
 
 @dataclass

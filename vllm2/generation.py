@@ -146,16 +146,57 @@ def generate(
     mask, budget = _check_prompt(inputs_embeds, attention_mask, max_new_tokens)  # [B, L], [B]
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a decode callable")
-    batch, device = inputs_embeds.shape[0], inputs_embeds.device
+    device = inputs_embeds.device
     bound = bound.to(device)
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    stop_ids = torch.tensor(eos, dtype=torch.long, device=device)  # [E]
-    warpers = None
-    if do_sample:
-        warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
-        if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
+    stop_ids = _stop_ids(eos_token_id, device)  # [E]
+    warpers = _warpers(temperature, top_p) if do_sample else None
+    state = _prefill(llm, inputs_embeds, mask)
+    while state.rows.numel():
+        tokens, done = _choose(state, bound, logits_processor, warpers, generator, pad_token_id, stop_ids, budget,
+                               stop_strings, decode)  # [B], [B]
+        _feed(state, llm, tokens, done, bound, query_weight, embed_tokens, inputs_embeds.dtype, pad_token_id)
+    sequences, hidden_states, lengths = compact_steps(
+        torch.cat(state.steps_ids, 1), torch.cat(state.steps_hidden, 1), torch.cat(state.steps_valid, 1), pad_token_id
+    )
+    logger.debug("generated %s positions in %d steps", lengths.tolist(), len(state.history))
+    return GenerationOutput(sequences=sequences, hidden_states=hidden_states, lengths=lengths)
 
+
+def _stop_ids(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    """The end-of-sequence ids as a ``[E]`` long tensor (empty without any)."""
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(eos, dtype=torch.long, device=device)
+
+
+def _warpers(temperature: float, top_p: float) -> LogitsProcessorList:
+    """The sampling warpers: temperature, then nucleus filtering when ``top_p < 1``."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+@dataclass
+class _DecodeState:
+    """What the decode loop carries between steps. Rows are the samples still decoding (``b <= B``); finished rows
+    leave the batch and the cache, and per-step records are scattered back to all ``B`` samples."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # [b, S] attention mask of the cached positions
+    logits: torch.Tensor  # [b, V] next-token logits of each decoding row
+    next_position: torch.Tensor  # [b] position id of each row's next real position
+    rows: torch.Tensor  # [b] the batch index of each decoding row
+    active: torch.Tensor  # [B] bool: not finished
+    history: list[torch.Tensor]  # per step, the sampled tokens [B]
+    generated: list[list[int]]  # per sample, its sampled ids (kept only for stop strings)
+    steps_ids: list[torch.Tensor]  # per step, [B, W] ids
+    steps_hidden: list[torch.Tensor]  # per step, [B, W, C] captured hidden states
+    steps_valid: list[torch.Tensor]  # per step, [B, W] bool: real positions
+
+
+def _prefill(llm: nn.Module, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> _DecodeState:
+    """Run the prompt through the LLM into a fresh cache and start the decode state."""
+    batch, device = inputs_embeds.shape[0], inputs_embeds.device
     cache = DynamicCache(config=llm.config)
     out = llm(
         inputs_embeds=inputs_embeds,
@@ -165,57 +206,95 @@ def generate(
         use_cache=True,
         logits_to_keep=1,
     )
-    logits = out.logits[:, -1].float()  # [b, V]: the rows still decoding (b <= B; finished rows leave)
-    next_position = mask.sum(1)  # [b]
-    rows = torch.arange(batch, device=device)  # [b] the batch index of each decoding row
-    active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
-    history: list[torch.Tensor] = []
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    steps_ids, steps_hidden, steps_valid = [], [], []
-    while rows.numel():
-        sampled = torch.stack(history, 1) if history else torch.zeros(batch, 0, dtype=torch.long, device=device)
-        scores = _scatter_rows(logits, rows, batch, 0.0)  # [B, V]: processors see the whole batch
-        tokens = _next_tokens(sampled, scores, bound.placeholder_ids, logits_processor, warpers, generator)  # [B]
-        tokens = torch.where(active, tokens, pad_token_id)  # [B]
-        history.append(tokens)
-        done = active & torch.isin(tokens, stop_ids)  # [B]
-        if stop_strings:
-            for ids, token, is_active in zip(generated, tokens.tolist(), active.tolist()):
-                if is_active:
-                    ids.append(token)
-            done |= _stop_string_hits(generated, active, stop_strings, decode)
-        done |= active & (budget <= len(history))
-        own = tokens[rows]  # [b]
-        feed = ~done[rows] | (bound.route_index(own) >= 0)  # [b]: route tokens always get their queries
-        step = build_step(own, feed, embed_tokens(own), next_position, bound, query_weight, pad_token_id)
-        hidden = inputs_embeds.new_zeros(step.embeds.shape)  # [b, W, C]
-        if bool(feed.any()):
-            mask = torch.cat([mask, step.mask], dim=1)  # [b, S]
-            out = llm(
-                inputs_embeds=step.embeds.to(inputs_embeds.dtype),
-                attention_mask=mask.long(),
-                position_ids=step.position_ids,
-                cache=cache,
-                use_cache=True,
-                output_hidden_states=True,
-            )
-            hidden = torch.where(step.mask[..., None], out.hidden_states[-1], hidden)  # [b, W, C]
-            logits = out.logits[torch.arange(len(rows), device=device), step.last_index].float()  # [b, V]
-            next_position = next_position + step.num_real
-        valid = step.mask.clone()  # [b, W]
-        valid[:, 0] = True  # the sampled token, fed or not (an end-of-sequence token is not)
-        ids = step.ids.clone()  # [b, W]
-        ids[:, 0] = own
-        steps_ids.append(_scatter_rows(ids, rows, batch, pad_token_id))
-        steps_hidden.append(_scatter_rows(hidden, rows, batch, 0.0))
-        steps_valid.append(_scatter_rows(valid, rows, batch, False))
-        active = active & ~done
-        keep = active[rows]  # [b]
-        if not bool(keep.all()):  # finished rows leave the batch and the cache
-            rows, mask, logits, next_position = rows[keep], mask[keep], logits[keep], next_position[keep]
-            cache.batch_select_indices(keep.nonzero()[:, 0])
-    sequences, hidden_states, lengths = compact_steps(
-        torch.cat(steps_ids, 1), torch.cat(steps_hidden, 1), torch.cat(steps_valid, 1), pad_token_id
+    return _DecodeState(
+        cache=cache,
+        mask=mask,
+        logits=out.logits[:, -1].float(),  # [B, V]
+        next_position=mask.sum(1),  # [B]
+        rows=torch.arange(batch, device=device),  # [B]
+        active=torch.ones(batch, dtype=torch.bool, device=device),  # [B]
+        history=[],
+        generated=[[] for _ in range(batch)],
+        steps_ids=[],
+        steps_hidden=[],
+        steps_valid=[],
     )
-    logger.debug("generated %s positions in %d steps", lengths.tolist(), len(history))
-    return GenerationOutput(sequences=sequences, hidden_states=hidden_states, lengths=lengths)
+
+
+def _choose(
+    state: _DecodeState,
+    bound: BoundRoutes,
+    logits_processor: LogitsProcessor | None,
+    warpers: LogitsProcessorList | None,
+    generator: torch.Generator | None,
+    pad_token_id: int,
+    stop_ids: torch.Tensor,
+    budget: torch.Tensor,
+    stop_strings: Sequence[str],
+    decode: Callable[[list[int]], str] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose every sample's next token and find the samples that end with it.
+
+    Returns:
+        ``tokens [B]`` (``pad_token_id`` for finished samples) and ``done [B]`` (active samples ending now).
+    """
+    batch, active = state.active.shape[0], state.active
+    history = state.history
+    sampled = torch.stack(history, 1) if history else torch.zeros(batch, 0, dtype=torch.long, device=active.device)
+    scores = _scatter_rows(state.logits, state.rows, batch, 0.0)  # [B, V]: processors see the whole batch
+    tokens = _next_tokens(sampled, scores, bound.placeholder_ids, logits_processor, warpers, generator)  # [B]
+    tokens = torch.where(active, tokens, pad_token_id)  # [B]
+    history.append(tokens)
+    done = active & torch.isin(tokens, stop_ids)  # [B]
+    if stop_strings:
+        for ids, token, is_active in zip(state.generated, tokens.tolist(), active.tolist()):
+            if is_active:
+                ids.append(token)
+        done |= _stop_string_hits(state.generated, active, stop_strings, decode)
+    done |= active & (budget <= len(history))
+    return tokens, done
+
+
+def _feed(
+    state: _DecodeState,
+    llm: nn.Module,
+    tokens: torch.Tensor,
+    done: torch.Tensor,
+    bound: BoundRoutes,
+    query_weight: torch.Tensor,
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    pad_token_id: int,
+) -> None:
+    """Feed the chosen tokens (and a route token's queries) through the LLM, record the step, drop finished rows."""
+    rows, batch = state.rows, state.active.shape[0]
+    own = tokens[rows]  # [b]
+    feed = ~done[rows] | (bound.route_index(own) >= 0)  # [b]: route tokens always get their queries
+    step = build_step(own, feed, embed_tokens(own), state.next_position, bound, query_weight, pad_token_id)
+    hidden = step.embeds.new_zeros(step.embeds.shape, dtype=dtype)  # [b, W, C]
+    if bool(feed.any()):
+        state.mask = torch.cat([state.mask, step.mask], dim=1)  # [b, S]
+        out = llm(
+            inputs_embeds=step.embeds.to(dtype),
+            attention_mask=state.mask.long(),
+            position_ids=step.position_ids,
+            cache=state.cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        hidden = torch.where(step.mask[..., None], out.hidden_states[-1], hidden)  # [b, W, C]
+        state.logits = out.logits[torch.arange(len(rows), device=rows.device), step.last_index].float()  # [b, V]
+        state.next_position = state.next_position + step.num_real
+    valid = step.mask.clone()  # [b, W]
+    valid[:, 0] = True  # the sampled token, fed or not (an end-of-sequence token is not)
+    ids = step.ids.clone()  # [b, W]
+    ids[:, 0] = own
+    state.steps_ids.append(_scatter_rows(ids, rows, batch, pad_token_id))
+    state.steps_hidden.append(_scatter_rows(hidden, rows, batch, 0.0))
+    state.steps_valid.append(_scatter_rows(valid, rows, batch, False))
+    state.active = state.active & ~done
+    keep = state.active[rows]  # [b]
+    if not bool(keep.all()):  # finished rows leave the batch and the cache
+        state.rows, state.mask = rows[keep], state.mask[keep]
+        state.logits, state.next_position = state.logits[keep], state.next_position[keep]
+        state.cache.batch_select_indices(keep.nonzero()[:, 0])

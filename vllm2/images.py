@@ -9,7 +9,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageTooLarge", "load_image", "decode_image", "to_rgb", "choose_grid", "anyres_tiles"]
+__all__ = ["MAX_IMAGE_PIXELS", "ImageTooLarge", "load_image", "decode_image", "to_rgb", "choose_grid", "anyres_tiles"]
+
+MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb limit (PIL's default); the default of every image loader
 
 
 class ImageTooLarge(ValueError):
@@ -32,7 +34,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Read an image file as RGB.
 
     Args:

@@ -23,7 +23,9 @@ from transformers.utils import ModelOutput
 import decoders
 from superlink import BoundRoutes, QueryGroups, RouteTable, gather_queries, splice_queries
 
+from .chat import chat
 from .config import VLLM2Config, config_from_dict, config_to_dict
+from .device import to_device
 from .region import RegionEncoder
 from .tokenizer import IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, load_tokenizer
 from .vision import VisionTower
@@ -402,8 +404,6 @@ class VisionLLMv2Model(PreTrainedModel):
 
     def chat(self, processor: Any, images: Any, prompts: Any, regions: Any = None, **gen_kwargs: Any) -> list:
         """Batched chat with routing; see :func:`vllm2.chat.chat`. Returns one ``ChatResult`` per prompt."""
-        from .chat import chat
-
         return chat(self, processor, images, prompts, regions, **gen_kwargs)
 
     def _decoder_loss(self, name: str, groups: QueryGroups | None, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict]:
@@ -437,17 +437,6 @@ def _check_model_folder(folder: Path) -> None:
     if kind != VisionLLMv2Config.model_type:
         raise ValueError(f"{str(folder)!r} holds a {kind!r} model, not a vllm2 model: a causal-LM folder goes in "
                          "llm.pretrained of a config (--config CONFIG llm.pretrained=DIR)")
-
-
-def to_device(data: Any, device: torch.device) -> Any:
-    """Move the tensors of a nested dict/list structure to ``device``."""
-    if isinstance(data, torch.Tensor):
-        return data.to(device)
-    if isinstance(data, dict):
-        return {k: to_device(v, device) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return type(data)(to_device(v, device) for v in data)
-    return data
 
 
 def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:

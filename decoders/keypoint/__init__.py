@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import KeypointDecoderConfig
 from .criterion import LayerOutput, PoseCriterion, normalized_keypoint_oks
-from .model import EncodedImages, KeypointDecoder, KeypointPredictions, QueryGroups
+from .model import EncodedImages, KeypointDecoder, KeypointPredictions, KeypointQueries
 from .oks import COCO_SIGMAS, keypoint_oks, oks_sigmas
 from .postprocess import postprocess, to_coco_keypoints, to_coco_results
 
@@ -16,7 +16,7 @@ __all__ = [
     "KeypointPredictions",
     "LayerOutput",
     "PoseCriterion",
-    "QueryGroups",
+    "KeypointQueries",
     "keypoint_oks",
     "normalized_keypoint_oks",
     "oks_sigmas",

@@ -52,11 +52,11 @@ from .modules import (
 from .postprocess import postprocess
 from .preprocess import prepare_images, prepare_targets
 
-__all__ = ["QueryGroups", "EncodedImages", "KeypointPredictions", "KeypointDecoder"]
+__all__ = ["KeypointQueries", "EncodedImages", "KeypointPredictions", "KeypointDecoder"]
 
 
 @dataclass
-class QueryGroups:
+class KeypointQueries:
     """Super-link groups of one batch split by kind, projected and averaged over their K query states.
 
     Attributes:
@@ -92,7 +92,7 @@ class KeypointPredictions:
     """Raw outputs: ``layers[0]`` are the encoder proposals, ``layers[-1]`` the final decoder layer."""
 
     layers: list[LayerOutput]
-    groups: QueryGroups
+    groups: KeypointQueries
 
 
 def _compact(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +219,7 @@ class KeypointDecoder(Decoder):
 
     def split_groups(
         self, queries: torch.Tensor, query_mask: torch.Tensor, route_ids: torch.Tensor | None
-    ) -> QueryGroups:
+    ) -> KeypointQueries:
         """Split ``queries`` [B, G, K, C] into object-class and keypoint groups by ``route_ids`` [B, G]."""
         if route_ids is None:
             raise ValueError("the keypoint decoder needs route_ids to tell [DET] groups from [POSE] groups")
@@ -244,7 +244,7 @@ class KeypointDecoder(Decoder):
         if keypoints.shape[1] > self.config.max_keypoints:
             raise ValueError(f"a sample has {keypoints.shape[1]} keypoint groups; max_keypoints is "
                              f"{self.config.max_keypoints}")
-        return QueryGroups(
+        return KeypointQueries(
             class_features=self.projection_llava(objects).mean(2),  # [B, Go, d]
             class_mask=class_mask,
             keypoint_features=self.projection_kpt_llava(keypoints).mean(2),  # [B, Kp, d]
@@ -289,7 +289,7 @@ class KeypointDecoder(Decoder):
     # ------------------------------------------------------------------------------------------------------------
     # decoder
 
-    def _proposals(self, enc: EncodedImages, groups: QueryGroups) -> tuple[LayerOutput, torch.Tensor]:
+    def _proposals(self, enc: EncodedImages, groups: KeypointQueries) -> tuple[LayerOutput, torch.Tensor]:
         """Two-stage proposals: every memory cell predicts a box (level-sized anchor + delta) and class logits.
 
         Returns:
@@ -332,7 +332,7 @@ class KeypointDecoder(Decoder):
             enc.spatial_shapes_list, enc.level_start_index,
         )
 
-    def decode(self, enc: EncodedImages, groups: QueryGroups) -> list[LayerOutput]:
+    def decode(self, enc: EncodedImages, groups: KeypointQueries) -> list[LayerOutput]:
         """Proposals, box stage and pose stage; returns the proposal output followed by every decoder layer's."""
         cfg = self.config
         proposals, scores = self._proposals(enc, groups)
@@ -354,7 +354,7 @@ class KeypointDecoder(Decoder):
 
     def _pose_stage(
         self, hidden: torch.Tensor, boxes: torch.Tensor, logits: torch.Tensor, enc: EncodedImages,
-        groups: QueryGroups,
+        groups: KeypointQueries,
     ) -> list[LayerOutput]:
         """Keep the best ``num_pose_queries`` instances, expand each into 1 box + Kp keypoint queries, refine."""
         cfg = self.config
@@ -402,7 +402,7 @@ class KeypointDecoder(Decoder):
         enc = self.encode(pixel_values, inputs["pixel_mask"].to(device))
         return KeypointPredictions(self.decode(enc, groups), groups)
 
-    def _check_targets(self, targets: dict[str, torch.Tensor], groups: QueryGroups) -> None:
+    def _check_targets(self, targets: dict[str, torch.Tensor], groups: KeypointQueries) -> None:
         num_keypoints = groups.keypoint_mask.sum(1).cpu()  # [B]
         num_classes = groups.class_mask.sum(1).cpu()  # [B]
         for i, (kp, expected) in enumerate(zip(targets["num_keypoints"].tolist(), num_keypoints.tolist())):

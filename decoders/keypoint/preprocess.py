@@ -16,12 +16,10 @@ from PIL import Image
 from torchvision.ops import box_convert
 from torchvision.transforms.functional import normalize, pil_to_tensor
 
+from ..base import IMAGENET_MEAN, IMAGENET_STD
 from .oks import oks_sigmas
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "resized_size", "prepare_images", "prepare_targets"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["resized_size", "prepare_images", "prepare_targets"]
 
 
 def resized_size(width: int, height: int, short_side: int, max_side: int) -> tuple[int, int]:

@@ -19,9 +19,9 @@ by :func:`vllm2.shapes.write_demo`); ``expect["rule"]`` names the rule, one func
   ``vllm2 bench pose`` matches them (:func:`~.metrics_ground.match_instances`), keypoint groups are read by their
   phrases (:func:`~.tasks.routed_keypoints`) and a keypoint is right within 0.1 x the figure box's longer side
   (:func:`~.metrics_ground.pck`).
-- ``draw``: :func:`~vllm2.shapes.dominant_colour` and :func:`~vllm2.shapes.shape_class` of the image are the
+- ``draw``: :func:`~.image_judges.dominant_colour` and :func:`~.image_judges.shape_class` of the image are the
   caption's (``vllm2 bench gen --judge shapes``).
-- ``edit``: :func:`~vllm2.shapes.edit_correct` (``vllm2 bench edit --judge shapes``).
+- ``edit``: :func:`~.image_judges.edit_correct` (``vllm2 bench edit --judge shapes``).
 
 Outputs are found by decoder, as the benchmarks find them. A judge that cannot run (no output of the decoder, a
 decoder error, a malformed result) says wrong with the reason; :func:`judge` never raises.
@@ -39,7 +39,7 @@ from PIL import Image
 from superlink import RouteTable
 
 from ..data.annotations import decode_segmentation
-from ..shapes import dominant_colour, edit_correct, shape_class
+from .image_judges import dominant_colour, edit_correct, shape_class
 from .metrics_ground import aligned_box_iou, mask_counts, match_instances, pck, to_numpy, top1
 from .metrics_semseg import label_map_from_masks
 from .metrics_text import caption_tokens, vqa_score
@@ -212,7 +212,7 @@ def judge_draw(image: Image.Image, expect: Mapping[str, Any]) -> Verdict:
 
 
 def judge_edit(source: Image.Image, edited: Image.Image, expect: Mapping[str, Any]) -> Verdict:
-    """:func:`~vllm2.shapes.edit_correct` of the edit ``expect`` (``shape``, ``attribute``, ``value``)."""
+    """:func:`~.image_judges.edit_correct` of the edit ``expect`` (``shape``, ``attribute``, ``value``)."""
     edit = {key: expect[key] for key in ("shape", "attribute", "value")}
     right = edit_correct(source, edited, edit)
     return Verdict(right, f"{edit['attribute']} of the {edit['shape']} to {edit['value']}: "

@@ -26,13 +26,10 @@ from PIL import Image, UnidentifiedImageError
 from ..data.annotations import boxes_array, clean_name, mask_to_box, require
 from ..data.readers import RecordFileDataset, TaskDataset
 from ..data.records import TaskSample
+from ..data.templates import CAPTION_PROMPT, VQA_SUFFIX
 from ..tokenizer import IMAGE_TOKEN
 
-__all__ = ["CAPTION_PROMPT", "IMAGE_SUFFIXES", "VQA_SUFFIX", "CaptionDataset", "SemsegDataset", "VqaDataset",
-           "read_classes"]
-
-VQA_SUFFIX = "Answer the question using a single word or phrase."
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+__all__ = ["IMAGE_SUFFIXES", "CaptionDataset", "SemsegDataset", "VqaDataset", "read_classes"]
 
 
 def _strings(record: dict, key: str) -> list[str]:

@@ -31,7 +31,7 @@ from superlink import RouteTable
 
 from ..data.readers import TaskDataset
 from ..data.records import TaskSample
-from ..modeling import to_device
+from ..device import to_device
 from ..processor import Sample
 from .tasks import BenchTask, DecoderPrediction, SamplePrediction
 

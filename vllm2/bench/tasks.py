@@ -27,6 +27,7 @@ from ..data.coco import CocoDataset, CocoKeypointDataset, RefCocoDataset
 from ..data.readers import EditDataset, TaskDataset, TextToImageDataset
 from ..data.records import TaskSample
 from ..data.templates import Templates
+from .image_judges import dominant_colour, edit_correct, shape_class
 from .metrics_clip import ClipScorer, clip_score, edit_metrics
 from .metrics_coco import coco_eval, detections_to_coco, keypoint_sigmas, keypoints_to_coco, load_coco
 from .metrics_ground import aligned_box_iou, iou_summary, mask_counts, match_instances, pck, rec_accuracy, top1
@@ -72,7 +73,7 @@ class TaskOptions:
 
     Attributes:
         judge: how gen/edit outputs are scored: ``"clip"`` (CLIP metrics, needs ``clip``) or ``"shapes"`` (the
-            rule-based checkers of the shapes world, :mod:`vllm2.shapes`; records carry ``shape``/``colour`` or
+            rule-based judges of the shapes world, :mod:`~.image_judges`; records carry ``shape``/``colour`` or
             ``edit``).
         clip: the CLIP scorer (gen, edit).
         sigmas: OKS sigmas (pose); default from the skeleton.
@@ -515,8 +516,6 @@ class GenTask(_ImageTask):
     def score(self, dataset, index, sample, pred):
         out = _output(pred, self.decoder())
         if self.options.judge == "shapes":
-            from ..shapes import dominant_colour, shape_class
-
             colour, shape = self.record_field(dataset, index, "colour"), self.record_field(dataset, index, "shape")
             if out is None:
                 return {"colour_accuracy": 0.0, "shape_accuracy": 0.0, "missing": True}
@@ -530,7 +529,7 @@ class GenTask(_ImageTask):
 
 class EditTask(_ImageTask):
     """Editing: CLIP-I (to the target image), CLIP-T and directional CLIP similarity, or (``judge="shapes"``) the
-    share of edits that make the requested change and keep the rest (:func:`vllm2.shapes.edit_correct`); a miss
+    share of edits that make the requested change and keep the rest (:func:`~.image_judges.edit_correct`); a miss
     scores 0.
 
     The text of CLIP-T and of the direction comes from the record: ``output_caption`` (and ``input_caption``) when
@@ -546,8 +545,6 @@ class EditTask(_ImageTask):
     def score(self, dataset, index, sample, pred):
         out = _output(pred, self.decoder())
         if self.options.judge == "shapes":
-            from ..shapes import edit_correct
-
             expected = self.record_field(dataset, index, "edit")
             correct = out is not None and edit_correct(sample.images[0], out.result, expected)
             return {"edit_accuracy": float(correct), "missing": out is None}

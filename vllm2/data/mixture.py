@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from superlink import RouteTable
 
+from ..images import MAX_IMAGE_PIXELS
 from .coco import CocoDataset, CocoKeypointDataset, RefCocoDataset
 from .readers import ConversationDataset, EditDataset, RegionDataset, TaskDataset, TextToImageDataset
 from .records import BadRecord, TaskSample
@@ -196,7 +197,7 @@ def build_mixture(cfg: Any, routes: RouteTable, *, mode: str = "train", skip_bad
         skip_bad_records = bool(training.skip_bad_records) if training is not None else False
     if max_image_pixels is None:
         vision = getattr(cfg, "vision", None)
-        max_image_pixels = vision.max_image_pixels if vision is not None else 89_478_485
+        max_image_pixels = vision.max_image_pixels if vision is not None else MAX_IMAGE_PIXELS
     template_options = dict(data.get("templates") or {})
     text = cfg.text_link() if hasattr(cfg, "text_link") else None
     try:

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..conversation import Turn
-from ..images import load_image
+from ..images import MAX_IMAGE_PIXELS, load_image
 from .annotations import region_to_mask, require
 from .records import MODES, BadRecord, RecordError, TaskSample, Unparsable, read_records
 from .templates import Rendered, Templates, to_turns
@@ -34,7 +34,6 @@ __all__ = [
     "EditDataset",
 ]
 
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 _ROLES = {"human": "user", "gpt": "assistant"}
 
 
@@ -63,7 +62,7 @@ class TaskDataset(Dataset):
         mode: str = "train",
         seed: int = 0,
         skip_bad_records: bool = False,
-        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
         name: str | None = None,
     ) -> None:
         if mode not in MODES:

@@ -38,7 +38,10 @@ from ..conversation import Turn
 from ..tokenizer import IMAGE_TOKEN, MARKER_TOKENS, REGION_TOKEN
 from .records import MODES
 
-__all__ = ["DEFAULT_PHRASINGS", "TEXT_TASKS", "Rendered", "Templates", "region_marker", "to_turns"]
+__all__ = ["CAPTION_PROMPT", "DEFAULT_PHRASINGS", "TEXT_TASKS", "VQA_SUFFIX", "Rendered", "Templates", "region_marker", "to_turns"]
+
+VQA_SUFFIX = "Answer the question using a single word or phrase."  # the VQA benchmarks' prompt suffix
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # the caption benchmark's prompt
 
 # Slot name -> phrasings (the first one is the official phrasing, used in evaluation). Fields in braces are filled in.
 DEFAULT_PHRASINGS: dict[str, tuple[str, ...]] = {
