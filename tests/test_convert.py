@@ -2,10 +2,12 @@
 
 The fake "official" checkpoint is our tiny model's state dict under the official names (the inverse of the table),
 in bf16, as two pickled ``.bin`` shards with an index, an official-style ``config.json`` and the tokenizer files.
-``tests/data/visionllmv2_7b_keys.json`` lists the official 7B key names and shapes; it is written by running this
-file (``python tests/test_convert.py``), which builds the official modules on the meta device from the facts of the
-reference (CLIP-L/14-336, Vicuna-7B with 32026 tokens, transformers' GroundingDINO with grounding-dino-tiny values
-renamed to the transformers 4 names the release used, SD 1.5 / InstructPix2Pix from diffusers).
+``tests/data/visionllmv2_7b_keys.json`` lists *reconstructed* official 7B key names and shapes (not read from the
+release); it is written by running this file (``python tests/test_convert.py``), which builds the official modules on
+the meta device from the facts of the reference (CLIP-L/14-336, Vicuna-7B with 32026 tokens, transformers'
+GroundingDINO with grounding-dino-tiny values renamed by inverting our own renames to the transformers 4 names the
+release used, SD 1.5 / InstructPix2Pix from diffusers). Its layer counts are pinned to the key listing of
+reference/visionllmv2-official.md section 7, which does not come from our table.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,7 @@ from vllm2.modeling import llm_config
 from vllm2.region import box_to_mask
 from vllm2.tokenizer import build_tiny_tokenizer
 
-MANIFEST = Path(__file__).parent / "data" / "visionllmv2_7b_keys.json"
+RECONSTRUCTED_MANIFEST = Path(__file__).parent / "data" / "visionllmv2_7b_keys.json"
 # The official mapper is nn.Transformer with its default 8 heads and FFN = 4 x width; the tiny source model matches it.
 OFFICIAL_MAPPER = [f"decoders.{d}.{k}={v}" for d in ("sd", "ip2p") for k, v in (("mapper_ffn_dim", 128),
                                                                                  ("mapper_heads", 8))]
@@ -361,18 +364,42 @@ def test_checkpoint_with_a_pickled_object_is_refused(source, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------------ 7B
 
 
-def _meta_manifest() -> tuple[dict[str, torch.Tensor], dict]:
-    data = json.loads(MANIFEST.read_text())
+def _reconstructed_meta_manifest() -> tuple[dict[str, torch.Tensor], dict]:
+    """The reconstructed official 7B keys as meta tensors (bf16; int64 for the listed buffers), and the file."""
+    data = json.loads(RECONSTRUCTED_MANIFEST.read_text())
     int64 = set(data["int64"])
     tensors = {k: torch.empty(shape, dtype=torch.int64 if k in int64 else torch.bfloat16, device="meta")
                for k, shape in data["keys"].items()}
     return tensors, data
 
 
-def test_7b_preset_matches_the_official_key_manifest():
-    """Every official 7B tensor maps onto the 7B preset with its shape; ours are all filled except the keypoint
-    decoder's own layers (UniPose is not our keypoint decoder)."""
-    tensors, _ = _meta_manifest()
+# Layer counts of the release's state dict as reference/visionllmv2-official.md section 7 lists them (an independent
+# source: key ranges such as ``llm.model.layers.{0-31}``, not derived from our rename table).
+REFERENCE_LAYER_COUNTS = {
+    "vis_encoder.vision_model.encoder.layers.": 24,
+    "llm.model.layers.": 32,
+    "gdino.model.encoder.layers.": 6,
+    "gdino.model.decoder.layers.": 6,
+    "gdino.bbox_embed.": 6,
+    "gdino.mask_embed.": 6,
+    "gdino.model.mask_embed.layers.": 3,
+    "gdino.patch2query.layers.": 3,
+    "unipose.projection_llava.layers.": 3,
+    "unipose.projection_kpt_llava.layers.": 3,
+}
+
+
+def _layer_counts(keys: Iterable[str]) -> dict[str, int]:
+    """For each prefix of :data:`REFERENCE_LAYER_COUNTS`, how many distinct indices follow it in ``keys``."""
+    return {prefix: len({key[len(prefix):].split(".", 1)[0] for key in keys if key.startswith(prefix)})
+            for prefix in REFERENCE_LAYER_COUNTS}
+
+
+def test_7b_preset_matches_the_reconstructed_official_key_manifest():
+    """Every reconstructed official 7B tensor maps onto the 7B preset with its shape; ours are all filled except the
+    keypoint decoder's own layers (UniPose is not our keypoint decoder)."""
+    tensors, _ = _reconstructed_meta_manifest()
+    assert _layer_counts(tensors) == REFERENCE_LAYER_COUNTS
     assert tuple(tensors["llm.model.embed_tokens.weight"].shape) == (32026, 4096)
     assert tuple(tensors["vl_bridge.0.weight"].shape) == (4096, 1024)
     assert tuple(tensors["region_encoder.mask_embedding.0.weight"].shape) == (64, 4, 7, 7)
@@ -406,8 +433,9 @@ def test_7b_preset_matches_the_official_key_manifest():
 # ------------------------------------------------------------------------------------------------------------ manifest
 
 
-def build_official_7b_manifest() -> dict:
-    """Official 7B key names and shapes, from the reference's dimensions and the libraries' modules (meta device)."""
+def build_reconstructed_official_7b_manifest() -> dict:
+    """Reconstructed official 7B key names and shapes, from the reference's dimensions, the libraries' modules (meta
+    device) and the inverse of our renames."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, GroundingDinoConfig,
                               GroundingDinoForObjectDetection, LlamaConfig, LlamaForCausalLM)
@@ -462,15 +490,16 @@ def build_official_7b_manifest() -> dict:
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3))
     return {
-        "about": "VisionLLM v2 7B (OpenGVLab/VisionLLMv2) state-dict keys and shapes. unipose.*: only the "
-                 "super-link projections are listed (the rest depends on the UniPose config and does not convert).",
+        "about": "VisionLLM v2 7B (OpenGVLab/VisionLLMv2) state-dict keys and shapes, reconstructed (not read from "
+                 "the release). unipose.*: only the super-link projections are listed (the rest depends on the "
+                 "UniPose config and does not convert).",
         "int64": sorted(int64),
         "keys": dict(sorted(keys.items())),
     }
 
 
 def _add_gdino(keys: dict, int64: list, detector: nn.Module, mlp) -> None:
-    """GroundingDINO as released: transformers' grounding-dino-tiny minus the text branch, under the transformers 4
+    """GroundingDINO as reconstructed: transformers' grounding-dino-tiny minus the text branch, under the transformers 4
     names (Swin without `swin.`, nn.MultiheadAttention in_proj), plus the stage-1 norm, mask head and patch2query."""
     swin_old = {"attention.q_proj": "attention.self.query", "attention.k_proj": "attention.self.key",
                 "attention.v_proj": "attention.self.value", "attention.o_proj": "attention.output.dense",
@@ -508,7 +537,7 @@ def _add_gdino(keys: dict, int64: list, detector: nn.Module, mlp) -> None:
 
 
 if __name__ == "__main__":
-    manifest = build_official_7b_manifest()
-    MANIFEST.parent.mkdir(parents=True, exist_ok=True)
-    MANIFEST.write_text(json.dumps(manifest, separators=(",", ":")))
-    print(f"wrote {MANIFEST}: {len(manifest['keys'])} keys", file=sys.stderr)
+    manifest = build_reconstructed_official_7b_manifest()
+    RECONSTRUCTED_MANIFEST.parent.mkdir(parents=True, exist_ok=True)
+    RECONSTRUCTED_MANIFEST.write_text(json.dumps(manifest, separators=(",", ":")))
+    print(f"wrote {RECONSTRUCTED_MANIFEST}: {len(manifest['keys'])} keys", file=sys.stderr)

@@ -19,6 +19,7 @@ from decoders import DECODERS, build_decoder
 from decoders.gdino import GroundingDinoDecoder, GroundingDinoDecoderConfig, build_hf_config
 from decoders.gdino.postprocess import boxes_to_original, masks_to_original
 from decoders.gdino.text import layout_categories
+from vllm2.convert import TargetSpec, convert_tensors
 
 LLM_WIDTH = 32
 COLOURS = [(230, 40, 40), (40, 200, 40), (50, 80, 240)]
@@ -339,7 +340,7 @@ def test_load_pretrained_reads_transformers_weights(tmp_path):
         decoder.load_pretrained(str(missing))
 
 
-OFFICIAL_SWIN_NAMES = [  # transformers 4.x Swin names (the official checkpoint) <- this decoder's names
+RECONSTRUCTED_SWIN_NAMES = [  # transformers 4.x Swin names (as the release used) <- this decoder's names
     ("attention.self.query", "attention.q_proj"),
     ("attention.self.key", "attention.k_proj"),
     ("attention.self.value", "attention.v_proj"),
@@ -348,23 +349,45 @@ OFFICIAL_SWIN_NAMES = [  # transformers 4.x Swin names (the official checkpoint)
     ("intermediate.dense", "mlp.fc1"),
     ("output.dense", "mlp.fc2"),
 ]
+# The ``gdino.model.`` submodules of the release, as listed in reference/visionllmv2-official.md section 7 (a source
+# independent of our rename table).
+REFERENCE_GDINO_MODEL_PARTS = {
+    "backbone", "input_proj_vision", "mask_features", "lateral_convs", "output_convs", "query_position_embeddings",
+    "mask_embed", "encoder", "decoder", "level_embed", "enc_output", "enc_output_norm", "encoder_output_bbox_embed"}
 
 
-def test_official_state_dict_converts_and_loads_strictly():
-    decoder = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(), LLM_WIDTH)
-    ours = {key: value.clone() for key, value in decoder.state_dict().items()}
+def reconstructed_official_keys(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tiny decoder's tensors (+1) under official names rebuilt by inverting our own renames, plus the official
+    encoder-stage ``model.mask_embed`` and a Swin ``relative_position_index`` buffer (keys without ``gdino.``)."""
     official = {}
     for key, value in ours.items():
         key = key.replace("pixel_decoder.", "model.", 1).replace("conv_encoder.model.swin.", "conv_encoder.model.")
-        for old, new in OFFICIAL_SWIN_NAMES:
+        for old, new in RECONSTRUCTED_SWIN_NAMES:
             key = key.replace(new, old) if "conv_encoder" in key else key
         official[key] = value + 1
     official["model.mask_embed.layers.0.weight"] = torch.zeros(1)
-    official["model.backbone.conv_encoder.model.encoder.layers.0.blocks.0.attention.self.relative_position_index"] = (
-        torch.zeros(1, dtype=torch.long))
+    return official
+
+
+def test_official_state_dict_converts_and_loads_strictly():
+    """The one converter (``vllm2.convert``'s table, gdino rows from ``decoders.gdino.convert``) maps reconstructed
+    official keys onto the decoder, which then loads them strictly."""
+    decoder = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(), LLM_WIDTH)
+    ours = {key: value.clone() for key, value in decoder.state_dict().items()}
+    official = reconstructed_official_keys(ours)
+    buffers = dict(decoder.named_buffers())
+    index = "model.backbone.conv_encoder.model.encoder.layers.0.blocks.0.attention.self.relative_position_index"
+    official[index] = buffers[index.replace("conv_encoder.model.", "conv_encoder.model.swin.").replace(
+        "attention.self.", "attention.relative_position_bias.")].clone()
     assert "model.lateral_convs.0.norm.weight" in official
     assert "model.backbone.conv_encoder.model.encoder.layers.0.blocks.0.attention.self.query.weight" in official
-    converted = decoder.convert_official_state_dict(official)
+    assert {key.split(".")[1] for key in official if key.startswith("model.")} == REFERENCE_GDINO_MODEL_PARTS
+    spec = TargetSpec.of(torch.nn.ModuleDict({"gdino": decoder}))
+    result = convert_tensors((("gdino." + key, value) for key, value in official.items()), spec, torch.float32)
+    assert not (result.unmapped or result.unexpected or result.errors or result.missing), result.errors[:3]
+    assert result.not_convertible == ["gdino.model.mask_embed.layers.0.weight"]
+    assert result.recomputed == ["gdino." + index]
+    converted = {name[len("gdino."):]: result.tensors[canonical] for name, canonical in spec.canonical.items()}
     assert set(converted) == set(ours)
     decoder.load_state_dict(converted, strict=True)
     torch.testing.assert_close(decoder.pixel_decoder.mask_features.bias, ours["pixel_decoder.mask_features.bias"] + 1)

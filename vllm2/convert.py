@@ -24,6 +24,9 @@ encoders (no ``text_model.`` wrapper in transformers 5) and the keypoint project
 ``keypoint.projection_*``); no counterpart for ``gdino.model.mask_embed.`` (the official encoder-stage mask loss head)
 and the rest of ``unipose.`` (UniPose's backbone and transformer are not our keypoint decoder's).
 
+The decoders' rows live beside each decoder (``decoders/gdino/convert.py``, ``decoders/keypoint/convert.py``,
+``decoders/diffusion/convert.py``, built from :class:`decoders.keyrules.KeyRule`); this module composes them.
+
 Official tensors that land on buffers our model recomputes (Swin ``relative_position_index``, int64) are checked for
 shape and dtype and not stored.
 """
@@ -47,6 +50,10 @@ from torch import nn
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 import decoders
+from decoders.diffusion.convert import OFFICIAL_KEY_RULES as DIFFUSION_KEY_RULES
+from decoders.gdino.convert import OFFICIAL_KEY_RULES as GDINO_KEY_RULES
+from decoders.keypoint.convert import OFFICIAL_KEY_RULES as KEYPOINT_KEY_RULES
+from decoders.keyrules import KeyRule, fill_template, same_key
 from superlink import RouteTable
 
 from .config import VLLM2Config, config_to_dict, load_config
@@ -87,114 +94,20 @@ class ConversionError(ValueError):
 
 # ------------------------------------------------------------------------------------------------------------ table
 
-_PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]+))?\}")
-
-
-def _compile(template: str, declared: Mapping[str, str] | None = None) -> re.Pattern[str]:
-    """A key template as a regex: ``{name:REGEX}`` matches REGEX, ``{name}`` what ``declared`` gives it (any text)."""
-    parts, pos = [], 0
-    for match in _PLACEHOLDER.finditer(template):
-        parts.append(re.escape(template[pos : match.start()]))
-        parts.append(f"(?P<{match[1]}>{match[2] or (declared or {}).get(match[1]) or '.+?'})")
-        pos = match.end()
-    parts.append(re.escape(template[pos:]))
-    return re.compile("".join(parts))
-
-
-def _placeholder_names(template: str) -> list[str]:
-    return [match[1] for match in _PLACEHOLDER.finditer(template)]
-
-
-def _fill(template: str, values: Mapping[str, str]) -> str:
-    """A key template with its placeholders replaced by ``values``."""
-    return _PLACEHOLDER.sub(lambda match: values[match[1]], template)
-
-
-@dataclass(frozen=True)
-class KeyRule:
-    """One row of the table.
-
-    Attributes:
-        official: the official key template (``{name}`` / ``{name:REGEX}`` placeholders).
-        ours: our key template(s) using the same placeholders; several = the official tensor is their concatenation
-            along dim 0 in equal parts (in this order); none = no counterpart (not convertible).
-        note: why the row exists.
-    """
-
-    official: str
-    ours: tuple[str, ...]
-    note: str
-
-    def __post_init__(self) -> None:
-        names = set(_placeholder_names(self.official))
-        for template in self.ours:
-            if set(_placeholder_names(template)) != names:
-                raise ValueError(f"key rule {self.official!r} -> {template!r}: placeholders differ")
-
-    @property
-    def official_pattern(self) -> re.Pattern[str]:
-        return _compile(self.official)
-
-    @property
-    def our_patterns(self) -> tuple[re.Pattern[str], ...]:
-        """Our templates as regexes, each placeholder matching what the official template declares."""
-        declared = {m[1]: m[2] for m in _PLACEHOLDER.finditer(self.official) if m[2]}
-        return tuple(_compile(t, declared) for t in self.ours)
-
-
-def _same(template: str, note: str) -> KeyRule:
-    return KeyRule(template, (template,), note)
-
-
-_SWIN_OLD = "gdino.model.backbone.conv_encoder.model."
-_SWIN_NEW = _SWIN_OLD + "swin."
-_BLOCK = r"encoder.layers.{i:\d+}.blocks.{j:\d+}."
-_SWIN_NOTE = "Swin: transformers 4 names -> transformers 5 names (as transformers' own legacy mapping)"
-
 KEY_MAP: tuple[KeyRule, ...] = (
-    _same("vis_encoder.vision_model.{rest}", "CLIP ViT: the 4.x CLIPVisionModel wrapper is our VisionTower"),
+    same_key("vis_encoder.vision_model.{rest}", "CLIP ViT: the 4.x CLIPVisionModel wrapper is our VisionTower"),
     KeyRule(
         "llm.base_model.model.{path}.{proj:(?:q|k|v|o|up|down)_proj}.{param:weight|bias}",
         ("llm.base_model.model.{path}.{proj}.base_layer.{param}",),
         "LoRA (use_llm_lora): peft 0.6 kept the wrapped layer's weight in place; peft >= 0.7 nests it in base_layer",
     ),
-    _same("llm.{rest}", "Llama: identical names"),
-    _same("vl_bridge.{rest}", "vision-to-LLM projector"),
-    _same("region_encoder.{rest}", "region encoder"),
-    _same(r"emb_embeddings_{table:\w+}.weight", "super-link query tables"),
-    KeyRule(_SWIN_OLD + "embeddings.{rest}", (_SWIN_NEW + "embeddings.{rest}",), _SWIN_NOTE),
-    KeyRule(_SWIN_OLD + _BLOCK + "attention.self.query.{p}", (_SWIN_NEW + _BLOCK + "attention.q_proj.{p}",),
-            _SWIN_NOTE),
-    KeyRule(_SWIN_OLD + _BLOCK + "attention.self.key.{p}", (_SWIN_NEW + _BLOCK + "attention.k_proj.{p}",),
-            _SWIN_NOTE),
-    KeyRule(_SWIN_OLD + _BLOCK + "attention.self.value.{p}", (_SWIN_NEW + _BLOCK + "attention.v_proj.{p}",),
-            _SWIN_NOTE),
-    KeyRule(_SWIN_OLD + _BLOCK + "attention.self.{t:relative_position_bias_table|relative_position_index}",
-            (_SWIN_NEW + _BLOCK + "attention.relative_position_bias.{t}",), _SWIN_NOTE),
-    KeyRule(_SWIN_OLD + _BLOCK + "attention.output.dense.{p}", (_SWIN_NEW + _BLOCK + "attention.o_proj.{p}",),
-            _SWIN_NOTE),
-    KeyRule(_SWIN_OLD + _BLOCK + "intermediate.dense.{p}", (_SWIN_NEW + _BLOCK + "mlp.fc1.{p}",), _SWIN_NOTE),
-    KeyRule(_SWIN_OLD + _BLOCK + "output.dense.{p}", (_SWIN_NEW + _BLOCK + "mlp.fc2.{p}",), _SWIN_NOTE),
-    KeyRule(_SWIN_OLD + _BLOCK + "{n:layernorm_before|layernorm_after}.{p}", (_SWIN_NEW + _BLOCK + "{n}.{p}",),
-            _SWIN_NOTE),
-    KeyRule(_SWIN_OLD + r"encoder.layers.{i:\d+}.downsample.{rest}",
-            (_SWIN_NEW + "encoder.layers.{i}.downsample.{rest}",), _SWIN_NOTE),
-    _same(_SWIN_OLD + "hidden_states_norms.{rest}", _SWIN_NOTE),
-    KeyRule(
-        "gdino.model.{path}.in_proj_{p:weight|bias}",
-        ("gdino.model.{path}.query.{p}", "gdino.model.{path}.key.{p}", "gdino.model.{path}.value.{p}"),
-        "nn.MultiheadAttention packs q, k, v; transformers' GroundingDinoMultiheadAttention keeps them apart",
-    ),
-    KeyRule("gdino.model.{part:lateral_convs|output_convs|mask_features}.{rest}",
-            ("gdino.pixel_decoder.{part}.{rest}",), "mask head: our pixel decoder is its own module"),
-    KeyRule("gdino.model.mask_embed.{rest}", (), "the official encoder-stage mask embedding (training loss only)"),
-    _same("gdino.{rest}", "GroundingDINO (transformers layout), heads, patch2query"),
-    KeyRule("unipose.{part:projection_llava|projection_kpt_llava}.{rest}", ("keypoint.{part}.{rest}",),
-            "keypoint decoder: the super-link projections"),
-    KeyRule("unipose.{rest}", (), "UniPose's backbone and transformer differ from our keypoint decoder"),
-    KeyRule("{d:sd|ip2p}.sd_text_encoder.text_model.{rest}", ("{d}.sd_text_encoder.{rest}",),
-            "CLIP text encoder: transformers 5 has no text_model wrapper"),
-    _same("{d:sd|ip2p}.{rest}", "Stable Diffusion / InstructPix2Pix decoders"),
+    same_key("llm.{rest}", "Llama: identical names"),
+    same_key("vl_bridge.{rest}", "vision-to-LLM projector"),
+    same_key("region_encoder.{rest}", "region encoder"),
+    same_key(r"emb_embeddings_{table:\w+}.weight", "super-link query tables"),
+    *GDINO_KEY_RULES,
+    *KEYPOINT_KEY_RULES,
+    *DIFFUSION_KEY_RULES,
 )
 """The official -> ours key table (see the module docstring)."""
 
@@ -207,7 +120,7 @@ def map_official_key(key: str) -> tuple[KeyRule, tuple[str, ...]] | None:
     for rule, pattern in zip(KEY_MAP, _OFFICIAL_PATTERNS):
         match = pattern.fullmatch(key)
         if match:
-            return rule, tuple(_fill(t, match.groupdict()) for t in rule.ours)
+            return rule, tuple(fill_template(t, match.groupdict()) for t in rule.ours)
     return None
 
 
@@ -217,7 +130,7 @@ def _inverse_key(key: str) -> tuple[KeyRule, int, str] | None:
         for index, pattern in enumerate(patterns):
             match = pattern.fullmatch(key)
             if match:
-                return rule, index, _fill(rule.official, match.groupdict())
+                return rule, index, fill_template(rule.official, match.groupdict())
     return None
 
 

@@ -12,7 +12,7 @@ Parameter layout (the official checkpoint's, relative to its ``gdino.`` prefix):
 ``model.decoder.*`` with ``model.decoder.bbox_embed.*``, ``model.level_embed``, ``model.query_position_embeddings``,
 ``model.enc_output*``, ``model.encoder_output_bbox_embed.*``), ``bbox_embed.{l}`` and ``mask_embed.{l}`` (shared
 across layers), ``patch2query.layers.{0-2}``. The mask pixel decoder sits under ``pixel_decoder.*`` where the
-official keeps it under ``model.*``; :meth:`GroundingDinoDecoder.convert_official_state_dict` converts.
+official keeps it under ``model.*``; the official key rows in :mod:`.convert` (composed by ``vllm2.convert``) map it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, ResNetConfig, SwinConfig
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightRenaming
 from transformers.models.grounding_dino.modeling_grounding_dino import (
     GroundingDinoConvEncoder,
     GroundingDinoMLPPredictionHead,
@@ -70,7 +68,6 @@ OWN_PREFIXES = (
     "pixel_decoder.",
     "model.backbone.conv_encoder.model.hidden_states_norms.stage1.",
 )
-OFFICIAL_PIXEL_DECODER = ("lateral_convs.", "output_convs.", "mask_features.")
 
 
 def _backbone_config(config: GroundingDinoDecoderConfig, out_indices: list[int]) -> SwinConfig | ResNetConfig:
@@ -505,30 +502,6 @@ class GroundingDinoDecoder(Decoder):
             differ.append(f"backbone depths: {backbone.depths} != {expected.depths}")
         if differ:
             raise ValueError(f"checkpoint {folder} does not match the gdino config: " + "; ".join(differ))
-
-    def convert_official_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Rename an official gdino state dict (keys without the ``gdino.`` prefix) to this decoder's keys.
-
-        ``model.{lateral_convs,output_convs,mask_features}.*`` move to ``pixel_decoder.*``; the encoder-stage mask
-        embedding ``model.mask_embed.*`` (unused here) and the Swin ``relative_position_index`` buffers are dropped;
-        keys under ``model.`` go through transformers' checkpoint renamings for this model (e.g. the Swin backbone's
-        ``encoder.*`` -> ``swin.encoder.*``, ``attention.self.query`` -> ``attention.q_proj``). Load the result with
-        ``load_state_dict(..., strict=True)``.
-        """
-        renamings = [t for t in get_model_conversion_mapping(self.model) if isinstance(t, WeightRenaming)]
-        converted: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            if key.startswith("model.mask_embed.") or key.endswith("relative_position_index"):
-                continue
-            if key.startswith(tuple("model." + name for name in OFFICIAL_PIXEL_DECODER)):
-                key = "pixel_decoder." + key[len("model."):]
-            elif key.startswith("model."):
-                inner = key[len("model."):]
-                for renaming in renamings:
-                    inner, _ = renaming.rename_source_key(inner)
-                key = "model." + inner
-            converted[key] = value
-        return converted
 
     # ----------------------------------------------------------------------------------------------- checks
 
