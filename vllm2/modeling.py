@@ -68,6 +68,9 @@ _FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json")
 
 
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
 def _lora_adapter_base(folder: str | Path) -> str | None:
     """For a peft LoRA adapter folder (``adapter_config.json`` and no full model weights): its base model as the
     adapter names it (``"its base model"`` when unnamed); None for any other folder."""
@@ -125,19 +128,38 @@ def model_token_names(routes: RouteTable) -> list[str]:
     return [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
 
 
-def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
-    """Build a randomly initialised model from a project config (never loads weights, never downloads).
+def _check_model_folder(folder: Path) -> None:
+    """Raise one clear error when ``folder`` is not a vllm2 model folder (missing, a LoRA adapter, another model)."""
+    config = folder / "config.json"
+    base = _lora_adapter_base(folder)
+    if base:
+        raise ValueError(f"{str(folder)!r} is a LoRA adapter of {base!r} without its base weights, not a vllm2 model "
+                         "folder: give the folder `vllm2 train` exported (OUTPUT_DIR/final holds the base weights "
+                         "and the adapters), or a plain one from `vllm2 export --model THAT --out DIR --merge-lora`")
+    if not config.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a vllm2 model folder (no config.json)")
+    kind = json.loads(config.read_text()).get("model_type")
+    if kind != VisionLLMv2Config.model_type:
+        raise ValueError(f"{str(folder)!r} holds a {kind!r} model, not a vllm2 model: a causal-LM folder goes in "
+                         "llm.pretrained of a config (--config CONFIG llm.pretrained=DIR)")
 
-    The tokenizer named by the config (or the built-in tiny one) fixes the vocabulary size and special-token ids.
-    Use :meth:`VisionLLMv2Model.load_pretrained_components` to load component weights from local folders.
-    """
-    routes, text_link = cfg.route_table(), cfg.text_link()
-    llm_cfg = llm_config(cfg)
-    tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, text_link=text_link)
-    token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in model_token_names(routes)}
-    llm_cfg.vocab_size = len(tokenizer)
-    config = VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm_cfg.to_dict(), token_ids=token_ids)
-    return VisionLLMv2Model(config)
+
+def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:
+    """Write ``values [n, C]`` into the ``n`` positions of ``mask [B, L]`` (row-major), checking the count."""
+    counts = mask.sum(1)  # [B]
+    if int(counts.sum()) != values.shape[0]:
+        raise ValueError(f"{what} tokens per sample {counts.tolist()} (total {int(counts.sum())}) do not match the "
+                         f"{values.shape[0]} {what} embeddings provided")
+    return embeds.masked_scatter(mask[..., None], values)
+
+
+def _build_bridge(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
+    """The vision-to-LLM projector: ``mlp2x_gelu`` (official) or ``linear``."""
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+    if kind == "linear":
+        return nn.Linear(vision_dim, llm_dim)
+    raise ValueError(f"config key bridge.type: unknown bridge {kind!r} (use 'mlp2x_gelu' or 'linear')")
 
 
 # ------------------------------------------------------------------------------------------------------------ outputs
@@ -423,38 +445,22 @@ class VisionLLMv2Model(PreTrainedModel):
         return weight * decoder_out.loss, {k: weight * v.detach() for k, v in (decoder_out.loss_dict or {}).items()}
 
 
-def _check_model_folder(folder: Path) -> None:
-    """Raise one clear error when ``folder`` is not a vllm2 model folder (missing, a LoRA adapter, another model)."""
-    config = folder / "config.json"
-    base = _lora_adapter_base(folder)
-    if base:
-        raise ValueError(f"{str(folder)!r} is a LoRA adapter of {base!r} without its base weights, not a vllm2 model "
-                         "folder: give the folder `vllm2 train` exported (OUTPUT_DIR/final holds the base weights "
-                         "and the adapters), or a plain one from `vllm2 export --model THAT --out DIR --merge-lora`")
-    if not config.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} is not a vllm2 model folder (no config.json)")
-    kind = json.loads(config.read_text()).get("model_type")
-    if kind != VisionLLMv2Config.model_type:
-        raise ValueError(f"{str(folder)!r} holds a {kind!r} model, not a vllm2 model: a causal-LM folder goes in "
-                         "llm.pretrained of a config (--config CONFIG llm.pretrained=DIR)")
+# ------------------------------------------------------------------------------------------------------------ factory
 
 
-def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:
-    """Write ``values [n, C]`` into the ``n`` positions of ``mask [B, L]`` (row-major), checking the count."""
-    counts = mask.sum(1)  # [B]
-    if int(counts.sum()) != values.shape[0]:
-        raise ValueError(f"{what} tokens per sample {counts.tolist()} (total {int(counts.sum())}) do not match the "
-                         f"{values.shape[0]} {what} embeddings provided")
-    return embeds.masked_scatter(mask[..., None], values)
+def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
+    """Build a randomly initialised model from a project config (never loads weights, never downloads).
 
-
-def _build_bridge(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
-    """The vision-to-LLM projector: ``mlp2x_gelu`` (official) or ``linear``."""
-    if kind == "mlp2x_gelu":
-        return nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
-    if kind == "linear":
-        return nn.Linear(vision_dim, llm_dim)
-    raise ValueError(f"config key bridge.type: unknown bridge {kind!r} (use 'mlp2x_gelu' or 'linear')")
+    The tokenizer named by the config (or the built-in tiny one) fixes the vocabulary size and special-token ids.
+    Use :meth:`VisionLLMv2Model.load_pretrained_components` to load component weights from local folders.
+    """
+    routes, text_link = cfg.route_table(), cfg.text_link()
+    llm_cfg = llm_config(cfg)
+    tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, text_link=text_link)
+    token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in model_token_names(routes)}
+    llm_cfg.vocab_size = len(tokenizer)
+    config = VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm_cfg.to_dict(), token_ids=token_ids)
+    return VisionLLMv2Model(config)
 
 
 AutoConfig.register("vllm2", VisionLLMv2Config)
