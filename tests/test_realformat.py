@@ -257,7 +257,8 @@ def _lora_adapter(real, folder: Path) -> Path:
 
 
 def test_wrong_folders_are_one_clear_error_each(real_folders, tmp_path, capsys):
-    """A LoRA adapter or a CLIP folder as llm.pretrained, a LoRA adapter or a Llama folder as --model: one error."""
+    """A LoRA adapter or a CLIP folder as llm.pretrained, a LoRA adapter or a Llama folder as --model (chat, export,
+    bench): one error each."""
     adapter = _lora_adapter(real_folders, tmp_path / "adapter")
     assert not (adapter / "config.json").exists() and (adapter / "adapter_model.safetensors").is_file()
     with pytest.raises(ValueError, match=r"llm.pretrained: .*adapter.* is a LoRA adapter of .*llama.* not a causal LM"):
@@ -270,8 +271,10 @@ def test_wrong_folders_are_one_clear_error_each(real_folders, tmp_path, capsys):
     for folder, message in expected.items():
         assert chat_main(["--model", str(folder), "--prompt", "hi", "--out", str(tmp_path / "chat")]) == 2
         assert export_main(["--model", str(folder), "--out", str(tmp_path / "out")]) == 2
-        errors = capsys.readouterr().err.splitlines()
-        assert len(errors) == 2 and all(line.startswith(f"error: {str(folder)!r} ") for line in errors), errors
+        assert bench_main(["det", "--model", str(folder), "--data", str(EXAMPLES / "coco_instances.json"),
+                           "--image-root", str(EXAMPLES / "images"), "--out", str(tmp_path / "det.json")]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 3 and all(line.startswith(f"error: {str(folder)!r} ") for line in errors), errors
         assert all(re.search(message, line) for line in errors), errors
 
 

@@ -32,8 +32,8 @@ from .vision import VisionTower
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VisionLLMv2Config", "VisionLLMv2Model", "VisionLLMv2Output", "build_model", "llm_config",
-           "model_token_names", "onto_keys", "unwrapped_key"]
+__all__ = ["VisionLLMv2Config", "VisionLLMv2Model", "VisionLLMv2Output", "build_model", "check_model_folder",
+           "llm_config", "model_token_names", "onto_keys", "unwrapped_key"]
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -128,7 +128,7 @@ def model_token_names(routes: RouteTable) -> list[str]:
     return [IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, *routes.route_tokens, *routes.placeholder_tokens]
 
 
-def _check_model_folder(folder: Path) -> None:
+def check_model_folder(folder: Path) -> None:
     """Raise one clear error when ``folder`` is not a vllm2 model folder (missing, a LoRA adapter, another model)."""
     config = folder / "config.json"
     base = _lora_adapter_base(folder)
@@ -246,7 +246,7 @@ class VisionLLMv2Model(PreTrainedModel):
         memory: tensors read from a memory-mapped safetensors file can be unaligned, which makes some CPU conv kernels
         round differently, and a loaded model must reproduce the saved one bit for bit. A LoRA adapter folder or
         another model's folder is one clear error."""
-        _check_model_folder(Path(folder))
+        check_model_folder(Path(folder))
         model = super().from_pretrained(folder, *args, **kwargs)
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:

@@ -49,6 +49,7 @@ import torch
 from .. import __version__
 from ..config import config_to_dict, load_config
 from ..processor import VisionLLMv2Processor
+from ..modeling import check_model_folder
 from .common import add_model_args, load_model, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -120,8 +121,7 @@ def _check_args(args: argparse.Namespace, task_cls: Any) -> None:
         raise FileNotFoundError(f"--image-root: {args.image_root!r} is not a folder")
     if args.model is not None:
         folder = Path(args.model)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--model: {str(folder)!r} is not a model folder (no config.json)")
+        check_model_folder(folder)
         if not list(folder.glob("*.safetensors")):
             raise FileNotFoundError(f"--model: {str(folder)!r} has no .safetensors weights")
     if args.model is not None and args.overrides:
@@ -265,13 +265,13 @@ def _run(args: argparse.Namespace, distributed: bool) -> int:
     error = None
     try:
         task, dataset, indices, _ = _prepare(args, rank, world)
+        model, processor, untrained = load_model(args)
     except (ValueError, KeyError, OSError) as err:
         error = str(err)
     error = _agree(error, distributed)
     if error:
         return _fail(error)
 
-    model, processor, untrained = load_model(args)
     model.to(_device(args.device))
     weights = runner.folder_weights_sha256(args.model) if args.model else runner.state_dict_sha256(model)
     if args.mode == "routed":
