@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import string
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPTokenizer
 
 from decoders.base import DECODERS, build_decoder
 from decoders.diffusion import (
@@ -24,6 +22,7 @@ from decoders.diffusion import (
     tiny_ip2p_config,
     tiny_sd_config,
 )
+from realformat import clip_tokenizer
 
 LLM = 48  # LLM width of the query states
 K = 64  # query states per group
@@ -37,15 +36,6 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_tokenizer(vocab_size: int = 64) -> CLIPTokenizer:
-    """A character-level CLIP tokenizer; like CLIP, BOS and EOS are the last two ids."""
-    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
-    vocab.update({f"{c}</w>": 26 + i for i, c in enumerate(string.ascii_lowercase)})
-    vocab.update({f"<unused{i}>": i for i in range(len(vocab), vocab_size - 2)})
-    vocab.update({"<|startoftext|>": vocab_size - 2, "<|endoftext|>": vocab_size - 1})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def blob_image(width: int, height: int, seed: int) -> Image.Image:
@@ -177,7 +167,7 @@ def test_both_losses_reach_query_states_and_mapper(name: str) -> None:
     make = tiny_sd_config if name == "sd" else tiny_ip2p_config
     no_drop = ("cfg_drop_prob",) if name == "sd" else ("text_drop_prob", "image_drop_prob", "both_drop_prob")
     decoder = build_decoder(name, make(train_unet=False, **dict.fromkeys(no_drop, 0.0)), LLM)
-    decoder.set_tokenizer(tiny_tokenizer())
+    decoder.set_tokenizer(clip_tokenizer())
     table = torch.nn.Parameter(torch.randn(2, 1, K, LLM))  # stands for the LLM's gen/edit query table
     mask = torch.ones(2, 1, dtype=torch.bool)
     targets = [
@@ -219,7 +209,7 @@ def test_alignment_loss_without_a_tokenizer_is_an_error_unless_turned_off() -> N
 def test_warns_once_when_captions_are_cut_from_the_alignment_target(caplog) -> None:
     """A caption longer than ``num_prompt_tokens`` loses its end in the alignment target: one warning naming it."""
     decoder = undropped("ip2p", num_prompt_tokens=8)
-    decoder.set_tokenizer(tiny_tokenizer())
+    decoder.set_tokenizer(clip_tokenizer())
     queries, mask = one_group()
 
     def align(caption: str) -> None:
@@ -399,7 +389,7 @@ def save_components(decoder, root) -> None:
     decoder.sd_text_encoder.save_pretrained(root / "text_encoder")
     weights = {f"text_model.{k}": v.contiguous() for k, v in decoder.sd_text_encoder.state_dict().items()}
     save_file(weights, root / "text_encoder" / "model.safetensors", metadata={"format": "pt"})  # SD v1.5 key layout
-    tiny_tokenizer().save_pretrained(root / "tokenizer")
+    clip_tokenizer().save_pretrained(root / "tokenizer")
 
 
 def test_load_pretrained_from_a_local_folder(tmp_path) -> None:
