@@ -33,7 +33,7 @@ from .vision import VisionTower
 logger = logging.getLogger(__name__)
 
 __all__ = ["VisionLLMv2Config", "VisionLLMv2Model", "VisionLLMv2Output", "build_model", "check_model_folder",
-           "llm_config", "model_token_names", "onto_keys", "unwrapped_key"]
+           "llm_config", "model_config", "model_token_names", "onto_keys", "unwrapped_key"]
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -448,19 +448,24 @@ class VisionLLMv2Model(PreTrainedModel):
 # ------------------------------------------------------------------------------------------------------------ factory
 
 
+def model_config(cfg: VLLM2Config) -> VisionLLMv2Config:
+    """The model config of a project config: the LLM's (:func:`llm_config`) with the vocabulary size and special-token
+    ids of the tokenizer the config names (or the built-in tiny one)."""
+    routes, text_link = cfg.route_table(), cfg.text_link()
+    llm_cfg = llm_config(cfg)
+    tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, text_link=text_link)
+    token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in model_token_names(routes)}
+    llm_cfg.vocab_size = len(tokenizer)
+    return VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm_cfg.to_dict(), token_ids=token_ids)
+
+
 def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:
     """Build a randomly initialised model from a project config (never loads weights, never downloads).
 
     The tokenizer named by the config (or the built-in tiny one) fixes the vocabulary size and special-token ids.
     Use :meth:`VisionLLMv2Model.load_pretrained_components` to load component weights from local folders.
     """
-    routes, text_link = cfg.route_table(), cfg.text_link()
-    llm_cfg = llm_config(cfg)
-    tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, text_link=text_link)
-    token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in model_token_names(routes)}
-    llm_cfg.vocab_size = len(tokenizer)
-    config = VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm_cfg.to_dict(), token_ids=token_ids)
-    return VisionLLMv2Model(config)
+    return VisionLLMv2Model(model_config(cfg))
 
 
 AutoConfig.register("vllm2", VisionLLMv2Config)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .config import VLLM2Config, config_to_dict, resolve_deepspeed
-from .modeling import VisionLLMv2Config, VisionLLMv2Model, llm_config, model_token_names
-from .tokenizer import load_tokenizer, special_tokens
+from .modeling import VisionLLMv2Config, VisionLLMv2Model, llm_config, model_config, model_token_names
+from .tokenizer import official_token_ids
 from .training import apply_freeze
 
 __all__ = ["Plan", "plan_training"]
@@ -92,18 +92,16 @@ def _without_absent_folders(cfg: VLLM2Config) -> tuple[VLLM2Config, list[str]]:
 
 def _meta_model(cfg: VLLM2Config, yaml_vocab: bool) -> VisionLLMv2Model:
     """The model on the meta device; ``yaml_vocab``: the tokenizer folder is absent, so the vocabulary is
-    ``llm.vocab_size`` + the special tokens (else the tokenizer's, as in ``build_model``)."""
-    routes, text_link = cfg.route_table(), cfg.text_link()
-    llm = llm_config(cfg)
-    names = model_token_names(routes)
-    if not yaml_vocab:
-        tokenizer = load_tokenizer(*cfg.tokenizer_source(), routes=routes, text_link=text_link)
-        llm.vocab_size, token_ids = len(tokenizer), {n: tokenizer.convert_tokens_to_ids(n) for n in names}
+    ``llm.vocab_size`` + the special tokens in the official order (else the tokenizer's, as in ``build_model``)."""
+    if yaml_vocab:
+        routes, text_link = cfg.route_table(), cfg.text_link()
+        llm = llm_config(cfg)
+        ids = official_token_ids(routes, cfg.llm.vocab_size)
+        llm.vocab_size = cfg.llm.vocab_size + len(ids) + len(text_link.tokens if text_link else ())
+        config = VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm.to_dict(),
+                                   token_ids={name: ids[name] for name in model_token_names(routes)})
     else:
-        added = special_tokens(routes) + list(text_link.tokens if text_link else ())
-        llm.vocab_size = cfg.llm.vocab_size + len(added)
-        token_ids = {n: cfg.llm.vocab_size + added.index(n) for n in names}
-    config = VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm.to_dict(), token_ids=token_ids)
+        config = model_config(cfg)
     with torch.device("meta"):
         return VisionLLMv2Model(config)
 
