@@ -29,6 +29,7 @@ __all__ = [
     "coco_eval",
     "coco_gt_from_targets",
     "detections_to_coco",
+    "encode_masks",
     "keypoint_sigmas",
     "keypoints_to_coco",
     "load_coco",
@@ -76,7 +77,7 @@ def load_coco(gt: str | Mapping[str, Any] | COCO) -> COCO:
     return coco
 
 
-def _encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
+def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
     """Compressed RLEs (JSON-friendly ``counts`` strings) of bool masks ``[n, H, W]``."""
     rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))  # [H, W, n] in
     for rle in rles:
@@ -125,7 +126,7 @@ def detections_to_coco(
     if with_masks and records:
         if pred.get("masks") is None:
             raise ValueError("segmentation results need 'masks' in the prediction")
-        for record, rle in zip(records, _encode_masks(to_numpy(pred["masks"]).astype(bool)[keep])):
+        for record, rle in zip(records, encode_masks(to_numpy(pred["masks"]).astype(bool)[keep])):
             record["segmentation"] = rle
     return records
 
@@ -252,7 +253,7 @@ def coco_gt_from_targets(
         labels = to_numpy(target["labels"]).reshape(-1).astype(np.int64)
         boxes = _xyxy_to_xywh(to_numpy(target["boxes"]).reshape(-1, 4))  # [N, 4]
         masks = to_numpy(target["masks"]).astype(bool) if target.get("masks") is not None else None
-        rles = _encode_masks(masks) if masks is not None and len(masks) else [None] * len(labels)
+        rles = encode_masks(masks) if masks is not None and len(masks) else [None] * len(labels)
         keypoints = to_numpy(target["keypoints"]) if target.get("keypoints") is not None else None
         for i, (label, box, rle) in enumerate(zip(labels.tolist(), boxes, rles)):
             ann = {"id": len(annotations) + 1, "image_id": int(image_id), "category_id": int(cats[label]),

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from ..bench.metrics_coco import encode_masks
+from ..bench.metrics_ground import to_numpy
 from ..chat import ChatResult, RouteOutput
 
 __all__ = ["EXTENSION", "Meta", "chunks", "completion", "output_json", "png_base64"]
@@ -43,31 +44,20 @@ def _rle(rle: dict[str, Any]) -> dict[str, Any]:
             else counts}
 
 
-def _encode(masks: np.ndarray) -> list[dict[str, Any]]:
-    """COCO RLEs of bool masks ``[n, H, W]``."""
-    if len(masks) == 0:
-        return []
-    return [_rle(r) for r in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))]
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-
-
 def _result_json(result: dict[str, Any]) -> dict[str, Any]:
     """Boxes, scores, labels, keypoints as lists; masks as COCO RLE; a semantic map as one RLE per group."""
     data: dict[str, Any] = {}
     for key, value in result.items():
         if key not in _SKIPPED:
-            data[key] = _as_numpy(value).tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
+            data[key] = to_numpy(value).tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
     if result.get("rles") is not None:
         data["masks"] = [_rle(r) for r in result["rles"]]
     elif result.get("masks") is not None:
-        data["masks"] = _encode(_as_numpy(result["masks"]).astype(bool))
+        data["masks"] = encode_masks(to_numpy(result["masks"]).astype(bool))
     if result.get("semantic") is not None:
-        semantic = _as_numpy(result["semantic"])  # [H, W] group index, -1 background
+        semantic = to_numpy(result["semantic"])  # [H, W] group index, -1 background
         groups = [int(g) for g in np.unique(semantic[semantic >= 0])]
-        masks = _encode(np.stack([semantic == g for g in groups])) if groups else []
+        masks = encode_masks(np.stack([semantic == g for g in groups])) if groups else []
         data["semantic"] = [{"label": g, "mask": m} for g, m in zip(groups, masks)]
     return data
 
