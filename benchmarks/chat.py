@@ -83,7 +83,7 @@ def forced_routes(model, processor, batch: int, long_routes: bool) -> ForceRoute
     banned, and so are the placeholders and the end-of-sequence token: every sample writes exactly
     ``max_new_tokens`` tokens and routes only where told."""
     tok = processor.tokenizer
-    tokens = [r.token for r in model.routes.routes if long_routes or r.num_queries <= 8]
+    tokens = [r.token for r in model.routes.routes if long_routes or r.num_embs <= 8]
     picks = np.linspace(0, len(tokens) - 1, max(1, batch // 2)).round().astype(int)
     ids = torch.zeros(batch, dtype=torch.long)
     steps = torch.full((batch,), -1, dtype=torch.long)

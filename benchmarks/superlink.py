@@ -40,20 +40,20 @@ def build_batch(
         ``short_ids [B, L - Mq]``, ``short_embeds [B, L - Mq, C]``: the same rows without the placeholder positions.
     """
     rng = random.Random(args.seed)
-    short_k = [t for t in table.route_tokens if table.route(t).num_queries <= 8]
-    long_k = [t for t in table.route_tokens if table.route(t).num_queries > 8]
+    short_k = [t for t in table.route_tokens if table.route(t).num_embs <= 8]
+    long_k = [t for t in table.route_tokens if table.route(t).num_embs > 8]
     rows = []
     for _ in range(args.batch):
         tokens = [rng.choice(long_k) for _ in range(args.long_routes)]
         tokens += [rng.choice(short_k) for _ in range(args.routes - args.long_routes)]
         rng.shuffle(tokens)
-        text = args.length - sum(1 + table.route(t).num_queries for t in tokens)
+        text = args.length - sum(1 + table.route(t).num_embs for t in tokens)
         cuts = sorted(rng.sample(range(1, text), len(tokens)))
         row: list[int] = []
         previous = 0
         for cut, token in zip(cuts, tokens):
             row += [rng.randrange(3, TEXT_VOCAB) for _ in range(cut - previous)]
-            row += [ids[token]] + [ids[p] for p in placeholder_sequence(table.route(token).num_queries)]
+            row += [ids[token]] + [ids[p] for p in placeholder_sequence(table.route(token).num_embs)]
             previous = cut
         rows.append(row + [rng.randrange(3, TEXT_VOCAB) for _ in range(text - previous)])
     full_ids = torch.tensor(rows, device=args.device)  # [B, L]
@@ -113,7 +113,7 @@ def official_gather(
         groups: dict[str, list[torch.Tensor]] = {}
         for p, route in zip(positions, tokens):
             absorber = next((r for r in table.routes if route.token in r.absorbs and r.token in present), route)
-            groups.setdefault(absorber.decoder, []).append(cur_hidden[p + 1 : p + 1 + route.num_queries])
+            groups.setdefault(absorber.decoder, []).append(cur_hidden[p + 1 : p + 1 + route.num_embs])
         for decoder, states in groups.items():
             per_decoder.setdefault(decoder, []).append(torch.stack(states))
     out = {}
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     offsets = dict(zip(table.tables, [sum(list(table.tables.values())[:i]) for i in range(len(table.tables))]))
     routes = {
         ids[r.token]: (
-            torch.tensor([ids[p] for p in placeholder_sequence(r.num_queries)], device=args.device),
-            query_weight[offsets[r.table] : offsets[r.table] + r.num_queries],
+            torch.tensor([ids[p] for p in placeholder_sequence(r.num_embs)], device=args.device),
+            query_weight[offsets[r.table] : offsets[r.table] + r.num_embs],
         )
         for r in table.routes
     }

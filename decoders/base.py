@@ -49,34 +49,31 @@ class Decoder(nn.Module):
     - ``predict(queries, query_mask, inputs, route_ids, **options)``: inference; one structured result per sample,
       in original image coordinates.
 
-    ``queries`` is ``[B, G, K, C]`` (B samples that routed to this decoder, G groups, K query states per group, C the
-    LLM width), ``query_mask`` is ``[B, G]`` (True = real group), ``route_ids`` is ``[B, G]`` (the route token id of
-    each group, -1 on padding) so a decoder serving several routes can tell them apart.
+    ``queries`` is ``[B, G, K, C]`` (B samples that routed to this decoder, G groups, K = its routes' ``num_embs``,
+    C the LLM width), ``query_mask`` is ``[B, G]`` (True = real group), ``route_ids`` is ``[B, G]`` (the route token
+    id of each group, -1 on padding) so a decoder serving several routes can tell them apart.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = dict
     tied_weights_keys: ClassVar[dict[str, str]] = {}  # HF-style {target pattern: source}, relative to the decoder
 
-    @property
-    def queries_per_group(self) -> int | None:
-        """The number of query states K this decoder takes per group, or None when any K works."""
-        return None
+    num_embs: int | None = None
+    """K, the query states per group its routes carry (``Route.num_embs``); set by :meth:`bind_routes`."""
 
     def bind_routes(self, own: dict[int, Route], absorbed: dict[int, Route]) -> None:
         """Learn which route token ids reach this decoder: its own routes and the routes it absorbs (e.g. the object
-        classes of a pose answer), keyed by token id. Called once by the model; the default keeps them.
+        classes of a pose answer), keyed by token id, and take K (:attr:`num_embs`) from them. Called once by the
+        model; the default keeps them.
 
         Raises:
-            ValueError: a route's ``num_queries`` is not the decoder's :attr:`queries_per_group`.
+            ValueError: the routes differ in ``num_embs`` (a :class:`~superlink.RouteTable` never gives such routes).
         """
-        k = self.queries_per_group
-        for route in [*own.values(), *absorbed.values()]:
-            if k is not None and route.num_queries != k:
-                raise ValueError(f"route {route.token!r} has num_queries={route.num_queries} but its decoder "
-                                 f"{self.name!r} takes {k} query states per group ({self.name}.num_queries); "
-                                 "make them equal")
+        ks = {route.num_embs for route in [*own.values(), *absorbed.values()]}
+        if len(ks) > 1:
+            raise ValueError(f"{self.name}: its routes must share num_embs, got {sorted(ks)}")
         self.own_routes, self.absorbed_routes = dict(own), dict(absorbed)
+        self.num_embs = ks.pop() if ks else None
 
     def prepare(self, images: list[Any], targets: list[dict] | None = None) -> dict[str, Any]:
         """Build decoder inputs from original images and raw targets."""

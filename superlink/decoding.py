@@ -79,7 +79,7 @@ def build_step(
     """
     bound = bound.to(tokens.device)
     route = bound.route_index(tokens)  # [B], -1 picks the appended "no route" entry below
-    k = _with_default(bound.num_queries, 0)[route]  # [B]
+    k = _with_default(bound.num_embs, 0)[route]  # [B]
     num_real = torch.where(feed, 1 + k, 0)  # [B]
     width = max(int(num_real.max()), 1) if num_real.numel() else 1
     slot = torch.arange(width, device=tokens.device)  # [W]

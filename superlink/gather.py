@@ -71,7 +71,7 @@ def gather_queries(hidden: torch.Tensor, input_ids: torch.Tensor, bound: BoundRo
             position[select],
             bound.route_ids[route[select]],
             absorbed[select],
-            bound.table.decoder_num_queries(name),
+            bound.table.decoder_num_embs(name),
         )
     return out
 
@@ -82,7 +82,7 @@ def _pack(
     position: torch.Tensor,
     route_ids: torch.Tensor,
     absorbed: torch.Tensor,
-    num_queries: int,
+    num_embs: int,
 ) -> QueryGroups:
     """Pack n groups (sorted by sample) of one decoder into padded ``[B_d, G, K, C]`` tensors with one read."""
     seq_len, width = hidden.shape[1], hidden.shape[2]
@@ -99,12 +99,12 @@ def _pack(
 
     mask = scatter(torch.ones_like(absorbed), False)  # [B_d, G]
     source = scatter(batch * seq_len + position + 1, 0).reshape(-1)  # [B_d*G] flat position of the first query
-    index = source[:, None] + torch.arange(num_queries, device=batch.device)  # [B_d*G, K]
+    index = source[:, None] + torch.arange(num_embs, device=batch.device)  # [B_d*G, K]
     states = hidden.reshape(-1, width).index_select(0, index.reshape(-1))  # [B_d*G*K, C]
     if cells > batch.numel():  # zero the padding groups
         states = states.view(cells, -1).index_fill_(0, (~mask).reshape(-1).nonzero().squeeze(1), 0)
     return QueryGroups(
-        states=states.view(samples.numel(), num_groups, num_queries, width),
+        states=states.view(samples.numel(), num_groups, num_embs, width),
         mask=mask,
         batch_index=samples,
         route_ids=scatter(route_ids, -1),

@@ -6,14 +6,16 @@ reads them from a :class:`RouteTable` (or from the tensors of its :class:`BoundR
 A route token in the text is always followed by its ``K`` placeholder tokens: ``[EMB][EMB2]...[EMB{K}]`` when
 ``K <= 8`` and ``[EMB]`` repeated ``K`` times otherwise (the official convention). The placeholders' embeddings are
 replaced by the rows of the route's query table (``nn.Embedding(K, C)`` named ``emb_embeddings_<table>``).
+A route's K is its ``num_embs`` (the official name: ``num_embs=4`` for the perception routes, ``num_embs_gen=64``
+for generation and editing); it is the only place K is set, every decoder takes its K from its routes.
 
 Example config (YAML):
 
 .. code-block:: yaml
 
     routes:
-      - {token: "[DET]", decoder: gdino, num_queries: 4, table: det}
-      - {token: "[POSE]", decoder: keypoint, num_queries: 4, table: pose, absorbs: ["[DET]"]}
+      - {token: "[DET]", decoder: gdino, num_embs: 4, table: det}
+      - {token: "[POSE]", decoder: keypoint, num_embs: 4, table: pose, absorbs: ["[DET]"]}
 """
 
 from __future__ import annotations
@@ -23,33 +25,37 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-__all__ = ["PLACEHOLDER_TOKENS", "DEFAULT_ROUTES", "Route", "RouteTable", "BoundRoutes", "placeholder_sequence"]
+__all__ = [
+    "LEGACY_K_KEY", "PLACEHOLDER_TOKENS", "DEFAULT_ROUTES", "Route", "RouteTable", "BoundRoutes", "placeholder_sequence",
+]
+
+LEGACY_K_KEY = "num_queries"  # the name older configs and saved models give a route's num_embs
 
 PLACEHOLDER_TOKENS: tuple[str, ...] = ("[EMB]",) + tuple(f"[EMB{i}]" for i in range(2, 9))
 
 # The official table, in the official token-id order ([DET] [GRD] [SEG] [POSE] [GEN] [EDIT]).
 DEFAULT_ROUTES: tuple[dict[str, Any], ...] = (
-    {"token": "[DET]", "decoder": "gdino", "num_queries": 4, "table": "det",
+    {"token": "[DET]", "decoder": "gdino", "num_embs": 4, "table": "det",
      "tasks": ["det", "instance_seg", "interactive", "grounded_caption"]},
-    {"token": "[GRD]", "decoder": "gdino", "num_queries": 4, "table": "det", "tasks": ["rec", "res"]},
-    {"token": "[SEG]", "decoder": "gdino", "num_queries": 4, "table": "det", "tasks": ["semantic_seg"]},
-    {"token": "[POSE]", "decoder": "keypoint", "num_queries": 4, "table": "pose", "absorbs": ["[DET]"], "tasks": ["pose"]},
-    {"token": "[GEN]", "decoder": "sd", "num_queries": 64, "table": "gen", "tasks": ["t2i"]},
-    {"token": "[EDIT]", "decoder": "ip2p", "num_queries": 64, "table": "edit", "tasks": ["edit"]},
+    {"token": "[GRD]", "decoder": "gdino", "num_embs": 4, "table": "det", "tasks": ["rec", "res"]},
+    {"token": "[SEG]", "decoder": "gdino", "num_embs": 4, "table": "det", "tasks": ["semantic_seg"]},
+    {"token": "[POSE]", "decoder": "keypoint", "num_embs": 4, "table": "pose", "absorbs": ["[DET]"], "tasks": ["pose"]},
+    {"token": "[GEN]", "decoder": "sd", "num_embs": 64, "table": "gen", "tasks": ["t2i"]},
+    {"token": "[EDIT]", "decoder": "ip2p", "num_embs": 64, "table": "edit", "tasks": ["edit"]},
 )
 
 
-def placeholder_sequence(num_queries: int) -> tuple[str, ...]:
-    """The placeholder tokens that follow a route token with ``num_queries`` queries.
+def placeholder_sequence(num_embs: int) -> tuple[str, ...]:
+    """The placeholder tokens that follow a route token with ``num_embs`` queries.
 
     Args:
-        num_queries: K.
+        num_embs: K.
     Returns:
         ``("[EMB]", "[EMB2]", ..., "[EMB{K}]")`` for K <= 8, else ``("[EMB]",) * K``.
     """
-    if num_queries <= len(PLACEHOLDER_TOKENS):
-        return PLACEHOLDER_TOKENS[:num_queries]
-    return (PLACEHOLDER_TOKENS[0],) * num_queries
+    if num_embs <= len(PLACEHOLDER_TOKENS):
+        return PLACEHOLDER_TOKENS[:num_embs]
+    return (PLACEHOLDER_TOKENS[0],) * num_embs
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class Route:
     Attributes:
         token: the route token, e.g. ``"[DET]"``.
         decoder: registry name of the decoder that receives its query groups.
-        num_queries: K, the number of query embeddings spliced after the token.
+        num_embs: K, the number of query embeddings spliced after the token.
         table: name of the query table (``emb_embeddings_<table>``); routes may share a table.
         absorbs: route tokens whose groups go to this route's decoder in samples that contain this route.
         tasks: the dataset tasks whose answers use this route (templates look routes up by task).
@@ -67,7 +73,7 @@ class Route:
 
     token: str
     decoder: str
-    num_queries: int
+    num_embs: int
     table: str
     absorbs: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
@@ -77,8 +83,8 @@ class Route:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"route {self.token!r}: field {name!r} must be a non-empty string, got {value!r}")
-        if isinstance(self.num_queries, bool) or not isinstance(self.num_queries, int) or self.num_queries < 1:
-            raise ValueError(f"route {self.token!r}: num_queries must be a positive int, got {self.num_queries!r}")
+        if isinstance(self.num_embs, bool) or not isinstance(self.num_embs, int) or self.num_embs < 1:
+            raise ValueError(f"route {self.token!r}: num_embs must be a positive int, got {self.num_embs!r}")
         if isinstance(self.absorbs, str):
             raise ValueError(f"route {self.token!r}: absorbs must be a list of tokens, got the string {self.absorbs!r}")
         object.__setattr__(self, "absorbs", tuple(self.absorbs))
@@ -115,10 +121,10 @@ class RouteTable:
         seen: dict[str, Route] = {}
         for route in self.routes:
             first = seen.setdefault(getattr(route, attr), route)
-            if first.num_queries != route.num_queries:
+            if first.num_embs != route.num_embs:
                 raise ValueError(
-                    f"routes {first.token!r} (num_queries={first.num_queries}) and {route.token!r} "
-                    f"(num_queries={route.num_queries}) share {attr} {getattr(route, attr)!r} but differ in num_queries"
+                    f"routes {first.token!r} (num_embs={first.num_embs}) and {route.token!r} "
+                    f"(num_embs={route.num_embs}) share {attr} {getattr(route, attr)!r} but differ in num_embs"
                 )
 
     def _check_absorbs(self) -> None:
@@ -133,10 +139,10 @@ class RouteTable:
                     raise ValueError(
                         f"route token {token!r} is absorbed by both {absorbed_by[token]!r} and {route.token!r}"
                     )
-                if self._by_token[token].num_queries != route.num_queries:
+                if self._by_token[token].num_embs != route.num_embs:
                     raise ValueError(
-                        f"route {route.token!r} (num_queries={route.num_queries}) absorbs {token!r} "
-                        f"(num_queries={self._by_token[token].num_queries}); they must share num_queries"
+                        f"route {route.token!r} (num_embs={route.num_embs}) absorbs {token!r} "
+                        f"(num_embs={self._by_token[token].num_embs}); they must share num_embs"
                     )
                 absorbed_by[token] = route.token
         for route in self.routes:
@@ -154,8 +160,9 @@ class RouteTable:
     def from_config(cls, entries: Sequence[Mapping[str, Any]]) -> RouteTable:
         """Build a table from plain data (e.g. a YAML list of dicts).
 
-        Each entry has ``token``, ``decoder``, ``num_queries`` and optionally ``table`` (default: the decoder name)
-        and ``absorbs`` (a list of tokens).
+        Each entry has ``token``, ``decoder``, ``num_embs`` and optionally ``table`` (default: the decoder name),
+        ``absorbs`` (a list of tokens) and ``tasks``. ``num_queries``, the name older configs and saved models use
+        for ``num_embs``, is read as ``num_embs``.
 
         Args:
             entries: the route dicts, in order.
@@ -169,13 +176,13 @@ class RouteTable:
         for i, entry in enumerate(entries):
             if not isinstance(entry, Mapping):
                 raise ValueError(f"routes[{i}] must be a dict, got {type(entry).__name__}")
-            unknown = sorted(set(entry) - known)
+            data = _without_legacy_k(i, entry)
+            unknown = sorted(set(data) - known)
             if unknown:
                 raise ValueError(f"routes[{i}]: unknown key(s) {unknown}; known keys: {sorted(known)}")
-            missing = sorted({"token", "decoder", "num_queries"} - set(entry))
+            missing = sorted({"token", "decoder", "num_embs"} - set(data))
             if missing:
                 raise ValueError(f"routes[{i}]: missing key(s) {missing}")
-            data = dict(entry)
             data.setdefault("table", data["decoder"])
             data["absorbs"] = tuple(data.get("absorbs") or ())
             data["tasks"] = tuple(data.get("tasks") or ())
@@ -185,7 +192,7 @@ class RouteTable:
     def to_config(self) -> list[dict[str, Any]]:
         """The table as plain data; ``RouteTable.from_config(t.to_config()) == t``."""
         return [
-            {"token": r.token, "decoder": r.decoder, "num_queries": r.num_queries, "table": r.table,
+            {"token": r.token, "decoder": r.decoder, "num_embs": r.num_embs, "table": r.table,
              "absorbs": list(r.absorbs), "tasks": list(r.tasks)}
             for r in self.routes
         ]
@@ -219,18 +226,18 @@ class RouteTable:
     @property
     def tables(self) -> dict[str, int]:
         """Query table name -> K, in order of first use (the order of the concatenated query weight)."""
-        return _first_use((r.table, r.num_queries) for r in self.routes)
+        return _first_use((r.table, r.num_embs) for r in self.routes)
 
     @property
     def decoders(self) -> list[str]:
         """Decoder names, in order of first use."""
-        return list(_first_use((r.decoder, r.num_queries) for r in self.routes))
+        return list(_first_use((r.decoder, r.num_embs) for r in self.routes))
 
-    def decoder_num_queries(self, decoder: str) -> int:
+    def decoder_num_embs(self, decoder: str) -> int:
         """K of the named decoder."""
         for route in self.routes:
             if route.decoder == decoder:
-                return route.num_queries
+                return route.num_embs
         raise KeyError(f"unknown decoder {decoder!r}; table decoders: {self.decoders}")
 
     def route(self, token: str) -> Route:
@@ -249,7 +256,7 @@ class RouteTable:
 
     def answer_suffix(self, token: str) -> str:
         """The route token followed by its placeholders, e.g. ``"[DET][EMB][EMB2][EMB3][EMB4]"``."""
-        return token + "".join(placeholder_sequence(self.route(token).num_queries))
+        return token + "".join(placeholder_sequence(self.route(token).num_embs))
 
     def bind(self, token_to_id: Callable[[str], int]) -> BoundRoutes:
         """Resolve the tokens to ids and build the lookup tensors used by splice, gather and decoding.
@@ -277,6 +284,27 @@ class RouteTable:
         return f"RouteTable({list(self.routes)!r})"
 
 
+def _without_legacy_k(index: int, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A route dict with its legacy ``num_queries`` key read as ``num_embs``.
+
+    Args:
+        index: the entry's position in the route list (for errors).
+        entry: the route dict as written.
+    Returns:
+        A new dict without ``num_queries``.
+    Raises:
+        ValueError: ``num_queries`` and ``num_embs`` are both given and differ.
+    """
+    data = dict(entry)
+    if LEGACY_K_KEY not in data:
+        return data
+    legacy = data.pop(LEGACY_K_KEY)
+    if data.setdefault("num_embs", legacy) != legacy:
+        raise ValueError(f"routes[{index}] ({data.get('token')!r}): num_queries={legacy!r} (the old name of num_embs) "
+                         f"and num_embs={data['num_embs']!r} differ; keep only num_embs")
+    return data
+
+
 def _first_use(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, k in pairs:
@@ -291,7 +319,7 @@ class BoundRoutes:
     Attributes:
         table: the route table.
         route_ids: ``[R]`` token id of each route.
-        num_queries: ``[R]`` K of each route.
+        num_embs: ``[R]`` K of each route.
         table_offset: ``[R]`` first row of the route's table in the concatenated query weight.
         decoder_index: ``[R]`` index into ``table.decoders``.
         absorber: ``[R]`` index of the route that absorbs this route, -1 if none.
@@ -304,7 +332,7 @@ class BoundRoutes:
 
     table: RouteTable
     route_ids: torch.Tensor
-    num_queries: torch.Tensor
+    num_embs: torch.Tensor
     table_offset: torch.Tensor
     decoder_index: torch.Tensor
     absorber: torch.Tensor
@@ -339,10 +367,10 @@ class BoundRoutes:
         for r in table.routes:
             for token in r.absorbs:
                 absorber[index[token]] = index[r.token]
-        k_max = max((r.num_queries for r in table.routes), default=0)
+        k_max = max((r.num_embs for r in table.routes), default=0)
         query_ids = torch.full((len(table), k_max), -1, dtype=torch.long)
         for i, r in enumerate(table.routes):
-            query_ids[i, : r.num_queries] = torch.tensor([ids[t] for t in placeholder_sequence(r.num_queries)])
+            query_ids[i, : r.num_embs] = torch.tensor([ids[t] for t in placeholder_sequence(r.num_embs)])
         route_ids = torch.tensor([ids[r.token] for r in table.routes], dtype=torch.long)
         id_to_route = torch.full((max(ids.values()) + 1,), -1, dtype=torch.long)
         id_to_route[route_ids] = torch.arange(len(table))
@@ -351,7 +379,7 @@ class BoundRoutes:
         return cls(
             table=table,
             route_ids=route_ids,
-            num_queries=torch.tensor([r.num_queries for r in table.routes], dtype=torch.long),
+            num_embs=torch.tensor([r.num_embs for r in table.routes], dtype=torch.long),
             table_offset=torch.tensor([offsets[r.table] for r in table.routes], dtype=torch.long),
             decoder_index=torch.tensor([decoders.index(r.decoder) for r in table.routes], dtype=torch.long),
             absorber=torch.tensor(absorber, dtype=torch.long),
@@ -359,7 +387,7 @@ class BoundRoutes:
             query_ids=query_ids,
             id_to_route=id_to_route,
             id_is_placeholder=id_is_placeholder,
-            k_by_id={ids[r.token]: r.num_queries for r in table.routes},
+            k_by_id={ids[r.token]: r.num_embs for r in table.routes},
         )
 
     def __repr__(self) -> str:

@@ -57,7 +57,7 @@ def locate_groups(input_ids: torch.Tensor, bound: BoundRoutes) -> RouteGroups:
     start = (route_of >= 0).nonzero().squeeze(1)  # [N] flat position of each route token
     batch, position = start // seq_len, start % seq_len  # [N], [N]
     route = route_of.index_select(0, start)  # [N]
-    k = bound.num_queries.index_select(0, route)  # [N]
+    k = bound.num_embs.index_select(0, route)  # [N]
     first = torch.cumsum(k, 0) - k  # [N] first query index of each group
     total = int(k.sum())
     group = torch.zeros(total, dtype=torch.long, device=k.device).index_fill_(0, first[1:], 1).cumsum(0)  # [M]
@@ -72,7 +72,7 @@ def locate_groups(input_ids: torch.Tensor, bound: BoundRoutes) -> RouteGroups:
         r = bound.table.routes[int(route[g])]
         raise ValueError(
             f"sample {int(batch[g])}: route token {r.token} at position {int(position[g])} is not followed by its "
-            f"{r.num_queries} placeholders"
+            f"{r.num_embs} placeholders"
         )
     query_batch = batch.index_select(0, group)  # [M]
     stray = bound.is_placeholder(input_ids)  # [B, L]

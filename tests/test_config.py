@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from superlink import RouteTable
 from vllm2 import VLLM2Config, load_config
 from vllm2.config import config_from_dict, config_to_dict
 
@@ -51,6 +52,25 @@ def test_dict_round_trip():
     cfg = load_config("tiny", ["training.loss_weights={gdino: 2.0}"])
     again = config_from_dict(VLLM2Config, config_to_dict(cfg))
     assert again == cfg
+
+
+def test_legacy_num_queries_keys_load():
+    """An older config (or a saved model's): routes name K ``num_queries`` and ``decoders.sd`` / ``ip2p`` repeat it
+    under that name. Both load; a repeated K that disagrees with the routes is an error naming the key."""
+    legacy = [{("num_queries" if key == "num_embs" else key): value for key, value in entry.items()}
+              for entry in RouteTable.default().to_config()]
+    data = {"superlink": {"routes": legacy},
+            "decoders": {"gdino": {"num_queries": 20}, "sd": {"num_queries": 64}, "ip2p": {"num_queries": 64}}}
+    cfg = config_from_dict(VLLM2Config, data)
+    assert cfg.route_table() == RouteTable.default() and cfg.decoders["gdino"].num_queries == 20  # DETR proposals
+    assert not hasattr(cfg.decoders["sd"], "num_queries") and config_from_dict(VLLM2Config, config_to_dict(cfg)) == cfg
+    assert data["decoders"]["sd"] == {"num_queries": 64}  # the caller's dicts are left as they are
+    load_config("shapes", ["decoders.ip2p.num_queries=4"])  # the K of the shapes routes
+    with pytest.raises(ValueError, match=r"config key decoders\.sd\.num_queries: 8 differs from num_embs=64 of the "
+                                         r"routes \['\[GEN\]'\] of decoder 'sd'"):
+        load_config("tiny", ["decoders.sd.num_queries=8"])
+    with pytest.raises(ValueError, match=r"decoders\.ip2p\.num_queries: 64 differs from num_embs=4"):
+        load_config("shapes", ["decoders.ip2p.num_queries=64"])
 
 
 def test_a_null_in_a_file_restores_the_default_over_its_base(tmp_path):

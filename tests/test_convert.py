@@ -24,6 +24,7 @@ from torch import nn
 
 from conftest import make_image
 from superlink import RouteTable
+from tiny_sizes import tiny_decoder_config
 from vllm2 import Sample, VisionLLMv2Model, VisionLLMv2Processor, build_model, load_config
 from vllm2.cli.convert import main
 from vllm2.convert import (
@@ -64,7 +65,7 @@ def _official_config(model: VisionLLMv2Model) -> dict:
         d = cfg.decoders[name]
         return {"llm_hidden_size": llm["hidden_size"], "sd_hidden_size": d.cross_attention_dim,
                 "num_queries": d.num_prompt_tokens, "num_encoder_layers": d.mapper_encoder_layers,
-                "num_decoder_layers": d.mapper_decoder_layers, "num_embed_tokens": d.num_queries,
+                "num_decoder_layers": d.mapper_decoder_layers, "num_embed_tokens": model.routes.decoder_num_embs(name),
                 "trigger_token": token, "trigger_token_id": ids[token], "cfg_drop_rate": 0.1}
 
     g = cfg.decoders["gdino"]
@@ -208,14 +209,15 @@ def test_official_config_maps_onto_ours(source):
     official = _official_config(source["model"])
     base = load_config("tiny")
     cfg = project_config(dict(official, num_embs=2, use_llm_lora=True, use_ip2p=False), base)
-    assert {r["table"]: r["num_queries"] for r in cfg.superlink.routes} == {"det": 2, "pose": 2, "gen": 64,
-                                                                           "edit": 64}
+    assert {r["table"]: r["num_embs"] for r in cfg.superlink.routes} == {"det": 2, "pose": 2, "gen": 64, "edit": 64}
     assert cfg.llm.lora.enabled and (cfg.llm.lora.r, cfg.llm.lora.alpha) == (32, 64)
     assert sorted(cfg.decoders) == ["gdino", "keypoint", "sd"]
     assert (cfg.decoders["sd"].mapper_heads, cfg.decoders["sd"].mapper_ffn_dim) == (8, 128)
     assert cfg.llm.hidden_size == source["cfg"].llm.hidden_size and cfg.llm.pretrained is None
     for bad, field in ((dict(official, vl_bridge_type="internvl_mlp"), "vl_bridge_type"),
                        (dict(official, use_pixelshuffle=True), "use_pixelshuffle"),
+                       (dict(official, sd_config=dict(official["sd_config"], num_embed_tokens=8)),
+                        r"sd_config.num_embed_tokens=8 differs from num_embs_gen=64"),
                        (dict(official, llm_config=dict(official["llm_config"], architectures=["InternLM2ForCausalLM"])),
                         "llm_config.architectures")):
         with pytest.raises(ConversionError, match=field):
@@ -243,11 +245,10 @@ def test_lora_checkpoint_names_reach_peft_layers():
 def test_gdino_legacy_names_convert_back_exactly():
     """The release's GroundingDINO names (transformers 4 Swin, nn.MultiheadAttention, mask head under model.) map
     onto our decoder tensor for tensor; the Swin int64 relative_position_index buffers are checked, not stored."""
-    from decoders.gdino.config import GroundingDinoDecoderConfig
     from decoders.gdino.model import GroundingDinoDecoder
 
     torch.manual_seed(0)
-    holder = nn.ModuleDict({"gdino": GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(), 64)})
+    holder = nn.ModuleDict({"gdino": GroundingDinoDecoder(tiny_decoder_config("gdino"), 64)})
     ours = dict(holder.state_dict())
     buffers = {k: b for k, b in holder.named_buffers() if k.endswith("relative_position_index")}
     official, leftover = to_official_state_dict({**ours, **buffers})

@@ -138,7 +138,7 @@ def test_respond_multi_turn_regions_route_errors_and_reset(model_and_processor):
     assert messages[2]["content"].startswith(f"error ({det} -> {model.routes.route(det).decoder}): no decoder")
     assert annotated.size == image.size and np.array_equal(np.asarray(annotated), np.asarray(image))
     assert state.history[0] == ("user", "<image>\nWhat is here?") and state.history[1][0] == "assistant"
-    placeholders = "".join(placeholder_sequence(model.routes.route(det).num_queries))
+    placeholders = "".join(placeholder_sequence(model.routes.route(det).num_embs))
     assert det + placeholders in state.history[1][1]  # the next turn's prompt holds the route with its queries
 
     messages, state, annotated, _, _ = chat.respond(image, "And <region>?", "8,8,24,20", "", messages, state)

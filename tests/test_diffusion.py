@@ -19,10 +19,10 @@ from decoders.diffusion import (
     StableDiffusionDecoder,
     drop_mask,
     ip2p_drop_masks,
-    tiny_ip2p_config,
-    tiny_sd_config,
 )
 from realformat import clip_tokenizer
+from superlink import Route
+from tiny_sizes import tiny_decoder_config
 
 LLM = 48  # LLM width of the query states
 K = 64  # query states per group
@@ -69,9 +69,8 @@ def mean_eval_loss(decoder, queries, mask, inputs, seeds=range(6)) -> float:
 
 def undropped(name: str, **overrides) -> torch.nn.Module:
     """A tiny ``name`` decoder with every conditioning dropout off (and ``overrides``)."""
-    make = tiny_sd_config if name == "sd" else tiny_ip2p_config
     no_drop = ("cfg_drop_prob",) if name == "sd" else ("text_drop_prob", "image_drop_prob", "both_drop_prob")
-    return build_decoder(name, make(**overrides, **dict.fromkeys(no_drop, 0.0)), LLM)
+    return build_decoder(name, tiny_decoder_config(name, **overrides, **dict.fromkeys(no_drop, 0.0)), LLM)
 
 
 def overfit(decoder, inputs, steps: int = 25) -> tuple[float, float, torch.Tensor, torch.Tensor]:
@@ -94,7 +93,7 @@ def overfit(decoder, inputs, steps: int = 25) -> tuple[float, float, torch.Tenso
 
 def test_registered_and_official_parameter_names() -> None:
     assert DECODERS["sd"] is StableDiffusionDecoder and DECODERS["ip2p"] is InstructPix2PixDecoder
-    sd = build_decoder("sd", tiny_sd_config(null_prompt="empty"), LLM)
+    sd = build_decoder("sd", tiny_decoder_config("sd", null_prompt="empty"), LLM)
     names = {name for name, _ in sd.named_parameters()}
     for key in (
         "emb_proj.0.weight",
@@ -112,7 +111,7 @@ def test_registered_and_official_parameter_names() -> None:
     assert not any(name.startswith("null_prompt") for name in names)  # official layout with null_prompt="empty"
     assert sd.llm2sd_mapper_queries.shape == (1, 77, 32)
     assert sd.llm2sd_mapper.encoder.layers[0].norm_first and len(sd.llm2sd_mapper.decoder.layers) == 1
-    ip2p = build_decoder("ip2p", tiny_ip2p_config(mapper_encoder_layers=2, mapper_decoder_layers=3), LLM)
+    ip2p = build_decoder("ip2p", tiny_decoder_config("ip2p", mapper_encoder_layers=2, mapper_decoder_layers=3), LLM)
     assert ip2p.sd_unet.config.in_channels == 8 and sd.sd_unet.config.in_channels == 4
     assert len(ip2p.llm2sd_mapper.encoder.layers) == 2 and len(ip2p.llm2sd_mapper.decoder.layers) == 3
     assert "null_prompt_embeds" in dict(ip2p.named_parameters())
@@ -133,16 +132,30 @@ def test_bad_config_and_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="IP2PConfig.text_drop_prob"):
         IP2PConfig(text_drop_prob=0.5, image_drop_prob=0.4, both_drop_prob=0.2)
     with pytest.raises(ValueError, match="null_prompt"):
-        tiny_sd_config(null_prompt="zeros")
+        tiny_decoder_config("sd", null_prompt="zeros")
     with pytest.raises(ValueError, match="IP2PConfig.noise_samples"):
-        tiny_ip2p_config(noise_samples=0)
-    sd = StableDiffusionDecoder(tiny_sd_config(), LLM)
-    with pytest.raises(ValueError, match="num_queries"):
-        sd(torch.randn(1, 1, K - 1, LLM), torch.ones(1, 1, dtype=torch.bool), {})
+        tiny_decoder_config("ip2p", noise_samples=0)
+    sd = StableDiffusionDecoder(tiny_decoder_config("sd"), LLM)
+    with pytest.raises(ValueError, match=r"sd: queries must be \[B, G, K, C\]"):
+        sd(torch.randn(1, K, LLM), torch.ones(1, 1, dtype=torch.bool), {})
     with pytest.raises(TypeError, match="sd target 0 'image'"):
         sd.prepare([None], [{"caption": "x"}])
     with pytest.raises(ValueError, match="unknown options"):
         sd.predict(*one_group(), {}, steps=3)
+
+
+@pytest.mark.parametrize("name", ["sd", "ip2p"])
+def test_k_comes_from_the_routes_it_is_bound_to(name: str) -> None:
+    """The decoder has no K of its own: any K until the model binds its routes, then the routes' ``num_embs``."""
+    decoder = build_decoder(name, tiny_decoder_config(name), LLM).eval()
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    assert decoder.num_embs is None
+    assert decoder.group_prompts(torch.randn(1, 1, 3, LLM), mask)[0].shape[0] == 1
+    decoder.bind_routes({7: Route("[X]", name, num_embs=5, table="x")}, {})
+    assert decoder.num_embs == 5
+    assert decoder.group_prompts(torch.randn(1, 1, 5, LLM), mask)[0].shape[0] == 1
+    with pytest.raises(ValueError, match=rf"{name}: queries must be \[B, G, 5, C\] \(K = its routes' num_embs\)"):
+        decoder.group_prompts(torch.randn(1, 1, 3, LLM), mask)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -164,9 +177,9 @@ def test_overfits_one_pair(name: str) -> None:
 @pytest.mark.parametrize("name", ["sd", "ip2p"])
 def test_both_losses_reach_query_states_and_mapper(name: str) -> None:
     """ε-loss through the frozen UNet and the alignment loss both give gradients to the query table and mapper."""
-    make = tiny_sd_config if name == "sd" else tiny_ip2p_config
     no_drop = ("cfg_drop_prob",) if name == "sd" else ("text_drop_prob", "image_drop_prob", "both_drop_prob")
-    decoder = build_decoder(name, make(train_unet=False, **dict.fromkeys(no_drop, 0.0)), LLM)
+    config = tiny_decoder_config(name, train_unet=False, align_loss_weight=0.1, **dict.fromkeys(no_drop, 0.0))
+    decoder = build_decoder(name, config, LLM)
     decoder.set_tokenizer(clip_tokenizer())
     table = torch.nn.Parameter(torch.randn(2, 1, K, LLM))  # stands for the LLM's gen/edit query table
     mask = torch.ones(2, 1, dtype=torch.bool)
@@ -198,17 +211,17 @@ def test_alignment_loss_without_a_tokenizer_is_an_error_unless_turned_off() -> N
     ``align_loss_weight: 0`` trains on the diffusion loss alone."""
     queries, mask = torch.randn(1, 1, K, LLM), torch.ones(1, 1, dtype=torch.bool)
     targets = [{"image": blob_image(32, 32, 3), "caption": "a red square"}]
-    decoder = build_decoder("sd", tiny_sd_config(align_loss_weight=0.5), LLM)
+    decoder = build_decoder("sd", tiny_decoder_config("sd", align_loss_weight=0.5), LLM)
     with pytest.raises(ValueError, match="sd: the alignment loss needs the text encoder's tokenizer.*"
                                          "sd.align_loss_weight: 0"):
         decoder(queries, mask, decoder.prepare([None], targets))
-    off = build_decoder("sd", tiny_sd_config(align_loss_weight=0.0), LLM)
+    off = build_decoder("sd", tiny_decoder_config("sd", align_loss_weight=0.0), LLM)
     assert set(off(queries, mask, off.prepare([None], targets)).loss_dict) == {"loss_diffusion"}
 
 
 def test_warns_once_when_captions_are_cut_from_the_alignment_target(caplog) -> None:
     """A caption longer than ``num_prompt_tokens`` loses its end in the alignment target: one warning naming it."""
-    decoder = undropped("ip2p", num_prompt_tokens=8)
+    decoder = undropped("ip2p", num_prompt_tokens=8, align_loss_weight=0.1)
     decoder.set_tokenizer(clip_tokenizer())
     queries, mask = one_group()
 
@@ -229,7 +242,7 @@ def test_warns_once_when_captions_are_cut_from_the_alignment_target(caplog) -> N
 
 def test_masked_groups_are_skipped_and_targets_follow_samples() -> None:
     """Only valid groups are decoded; sample 1's two groups both use sample 1's target."""
-    sd = StableDiffusionDecoder(tiny_sd_config(), LLM).eval()
+    sd = StableDiffusionDecoder(tiny_decoder_config("sd"), LLM).eval()
     queries = torch.randn(2, 2, K, LLM)
     mask = torch.tensor([[True, False], [True, True]])
     inputs = sd.prepare([None, None], [{"image": blob_image(32, 32, 7)}, {"image": blob_image(32, 32, 8)}])
@@ -264,10 +277,10 @@ def test_drop_masks_have_the_configured_rates() -> None:
 def test_decoder_drops_conditions_at_the_configured_rate(name: str, monkeypatch) -> None:
     """Inside ``forward``, prompts (and ip2p images) are replaced at exactly the configured rate, only in training."""
     if name == "sd":
-        decoder = StableDiffusionDecoder(tiny_sd_config(cfg_drop_prob=0.3), LLM)
+        decoder = StableDiffusionDecoder(tiny_decoder_config("sd", cfg_drop_prob=0.3), LLM)
         expected_text, expected_image = 0.3, None
     else:
-        config = tiny_ip2p_config(text_drop_prob=0.1, image_drop_prob=0.2, both_drop_prob=0.05)
+        config = tiny_decoder_config("ip2p", text_drop_prob=0.1, image_drop_prob=0.2, both_drop_prob=0.05)
         decoder = InstructPix2PixDecoder(config, LLM)
         expected_text, expected_image = 0.15, 0.25
     seen = {}
@@ -298,8 +311,8 @@ def test_decoder_drops_conditions_at_the_configured_rate(name: str, monkeypatch)
 def test_noise_samples_denoise_each_group_several_times(monkeypatch) -> None:
     """With ``noise_samples=3`` every group's target, prompt and input image enter the diffusion loss three times,
     consecutively."""
-    config = tiny_ip2p_config(noise_samples=3, text_drop_prob=0.0, image_drop_prob=0.0, both_drop_prob=0.0,
-                              vae_type="pixel", vae_latent_channels=3, vae_scaling_factor=1.0)  # exact latents
+    config = tiny_decoder_config("ip2p", noise_samples=3, text_drop_prob=0.0, image_drop_prob=0.0, both_drop_prob=0.0,
+                                 vae_type="pixel", vae_latent_channels=3, vae_scaling_factor=1.0)  # exact latents
     decoder = InstructPix2PixDecoder(config, LLM)
     seen = {}
 
@@ -326,7 +339,7 @@ def test_noise_samples_denoise_each_group_several_times(monkeypatch) -> None:
 
 
 def test_generation_size_determinism_and_batching() -> None:
-    sd = StableDiffusionDecoder(tiny_sd_config(), LLM).eval()
+    sd = StableDiffusionDecoder(tiny_decoder_config("sd"), LLM).eval()
     queries = torch.randn(3, 1, K, LLM)
     mask = torch.tensor([[True], [False], [True]])
     first = sd.predict(queries, mask, sd.prepare([None] * 3), height=32, width=48, seed=5)
@@ -343,7 +356,7 @@ def test_generation_size_determinism_and_batching() -> None:
 
 
 def test_editing_returns_images_of_the_input_size() -> None:
-    ip2p = InstructPix2PixDecoder(tiny_ip2p_config(), LLM).eval()
+    ip2p = InstructPix2PixDecoder(tiny_decoder_config("ip2p"), LLM).eval()
     images = [blob_image(40, 28, 11), blob_image(24, 36, 12)]
     queries, mask = one_group(2)
     inputs = ip2p.prepare(images)
@@ -372,11 +385,10 @@ def test_pixel_space_diffusion(name: str) -> None:
     decoder.eval()
     image = decoder.predict(queries, mask, decoder.prepare([blob_image(16, 16, 1)]), num_inference_steps=2)[0]
     assert image.size == (16, 16)
-    make = tiny_sd_config if name == "sd" else tiny_ip2p_config
     with pytest.raises(ValueError, match="vae_type"):
-        make(vae_type="pixel")  # 4 latent channels
+        tiny_decoder_config(name, vae_type="pixel")  # 4 latent channels
     with pytest.raises(ValueError, match="vae_type"):
-        make(vae_type="latent")
+        tiny_decoder_config(name, vae_type="latent")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -393,10 +405,10 @@ def save_components(decoder, root) -> None:
 
 
 def test_load_pretrained_from_a_local_folder(tmp_path) -> None:
-    source = StableDiffusionDecoder(tiny_sd_config(num_train_timesteps=500, beta_end=0.02), LLM)
+    source = StableDiffusionDecoder(tiny_decoder_config("sd", num_train_timesteps=500, beta_end=0.02), LLM)
     save_components(source, tmp_path)  # a schedule other than the config's default, so loading it shows
     torch.manual_seed(1)
-    target = StableDiffusionDecoder(tiny_sd_config(null_prompt="empty", pretrained_path=str(tmp_path)), LLM)
+    target = StableDiffusionDecoder(tiny_decoder_config("sd", null_prompt="empty", pretrained_path=str(tmp_path)), LLM)
     assert not torch.equal(target.sd_unet.conv_in.weight, source.sd_unet.conv_in.weight)
     assert target.sd_noise_scheduler.config.num_train_timesteps == 1000
     target.load_pretrained()
@@ -409,18 +421,18 @@ def test_load_pretrained_from_a_local_folder(tmp_path) -> None:
     empty_ids = target.sd_tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     empty = target.sd_text_encoder(empty_ids)
     torch.testing.assert_close(target.null_prompt(2), empty.last_hidden_state.expand(2, -1, -1))
-    learned = StableDiffusionDecoder(tiny_sd_config(null_prompt="learned"), LLM)
+    learned = StableDiffusionDecoder(tiny_decoder_config("sd", null_prompt="learned"), LLM)
     learned.load_pretrained(str(tmp_path))
     torch.testing.assert_close(learned.null_prompt_embeds.data, empty.last_hidden_state)
 
 
 def test_load_pretrained_errors_name_the_path(tmp_path) -> None:
-    sd = StableDiffusionDecoder(tiny_sd_config(), LLM)
+    sd = StableDiffusionDecoder(tiny_decoder_config("sd"), LLM)
     missing = tmp_path / "no-such-folder"
     with pytest.raises(FileNotFoundError, match="sd.pretrained_path.*no-such-folder"):
         sd.load_pretrained(str(missing))
     save_components(sd, tmp_path)
-    wider = StableDiffusionDecoder(tiny_sd_config(unet_block_out_channels=(32, 32)), LLM)
+    wider = StableDiffusionDecoder(tiny_decoder_config("sd", unet_block_out_channels=(32, 32)), LLM)
     with pytest.raises(ValueError, match="unet"):
         wider.load_pretrained(str(tmp_path))
     (tmp_path / "vae" / "config.json").rename(tmp_path / "vae.json")
@@ -430,4 +442,4 @@ def test_load_pretrained_errors_name_the_path(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="'vae'"):
         sd.load_pretrained(str(tmp_path))
     with pytest.raises(RuntimeError, match="tokenizer"):
-        StableDiffusionDecoder(tiny_sd_config(null_prompt="empty"), LLM).null_prompt(1)
+        StableDiffusionDecoder(tiny_decoder_config("sd", null_prompt="empty"), LLM).null_prompt(1)

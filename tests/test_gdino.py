@@ -16,9 +16,10 @@ from transformers.models.grounding_dino.modeling_grounding_dino import (
 )
 
 from decoders import DECODERS, build_decoder
-from decoders.gdino import GroundingDinoDecoder, GroundingDinoDecoderConfig, build_hf_config
+from decoders.gdino import GroundingDinoDecoder, build_hf_config
 from decoders.gdino.postprocess import boxes_to_original, masks_to_original
 from decoders.gdino.text import layout_categories
+from tiny_sizes import tiny_decoder_config
 from vllm2.convert import TargetSpec, convert_tensors
 
 LLM_WIDTH = 32
@@ -77,7 +78,7 @@ def best_of_label(result: dict, label: int) -> int:
 def trained():
     """A tiny decoder and learnable query states overfitted on a fixed batch of two synthetic images."""
     torch.manual_seed(0)
-    decoder = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(), LLM_WIDTH)
+    decoder = GroundingDinoDecoder(tiny_decoder_config("gdino"), LLM_WIDTH)
     images, targets = fixed_batch()
     inputs = decoder.prepare(images, targets)
     queries = torch.nn.Parameter(torch.randn(2, 3, 4, LLM_WIDTH))
@@ -164,7 +165,7 @@ def test_rle_round_trip(trained):
 def test_chunked_inference_merges_the_passes(trained):
     """Two categories per pass (text length 4): three categories take two passes whose outputs are merged; each
     category's best detection is the one its own pass finds alone (labels offset by the pass's first group)."""
-    chunked = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(max_text_len=4), LLM_WIDTH)
+    chunked = GroundingDinoDecoder(tiny_decoder_config("gdino", max_text_len=4), LLM_WIDTH)
     chunked.load_state_dict(trained["decoder"].state_dict())
     chunked.eval()
     assert chunked._chunks(3) == [(0, 2), (2, 3)]
@@ -180,7 +181,7 @@ def test_chunked_inference_merges_the_passes(trained):
 
 
 def test_chunked_training_loss_is_the_mean_over_chunks():
-    config = GroundingDinoDecoderConfig.tiny(max_text_len=4)
+    config = tiny_decoder_config("gdino", max_text_len=4)
     chunked = GroundingDinoDecoder(config, LLM_WIDTH)
     images, targets = fixed_batch()
     inputs = chunked.prepare(images, targets)
@@ -203,7 +204,7 @@ def test_chunked_training_loss_is_the_mean_over_chunks():
 
 
 def test_gradients_reach_real_query_groups_only():
-    decoder = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(), LLM_WIDTH)
+    decoder = GroundingDinoDecoder(tiny_decoder_config("gdino"), LLM_WIDTH)
     images, targets = fixed_batch()
     targets[1]["boxes"], targets[1]["labels"], targets[1]["masks"] = (
         targets[1]["boxes"][:1], torch.tensor([1]), targets[1]["masks"][:1])
@@ -218,7 +219,7 @@ def test_gradients_reach_real_query_groups_only():
 
 def test_every_parameter_gets_a_gradient_without_target_masks():
     """Mask-free batches still touch the mask head (zero-valued terms), as distributed training needs."""
-    decoder = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(), LLM_WIDTH)
+    decoder = GroundingDinoDecoder(tiny_decoder_config("gdino"), LLM_WIDTH)
     images, targets = fixed_batch()
     inputs = decoder.prepare(images, [{k: v for k, v in t.items() if k != "masks"} for t in targets])
     out = decoder(torch.randn(2, 3, 4, LLM_WIDTH), torch.ones(2, 3, dtype=torch.bool), inputs)
@@ -229,7 +230,7 @@ def test_every_parameter_gets_a_gradient_without_target_masks():
 
 def test_batched_predictions_match_single_samples():
     """Samples with different numbers of groups give the same scores alone and in a batch."""
-    decoder = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(), LLM_WIDTH).eval()
+    decoder = GroundingDinoDecoder(tiny_decoder_config("gdino"), LLM_WIDTH).eval()
     images = [scene([(0, "rect", (8, 8, 40, 40))])[0], scene([(1, "ellipse", (50, 50, 100, 110))])[0]]
     inputs = decoder.prepare(images)
     queries = torch.randn(2, 3, 4, LLM_WIDTH)
@@ -265,7 +266,7 @@ def test_category_text_layout_drives_the_stock_phrase_masks():
 
 
 def test_prepare_resizes_pads_and_normalises_targets():
-    decoder = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(image_size=64, max_image_size=100), LLM_WIDTH)
+    decoder = GroundingDinoDecoder(tiny_decoder_config("gdino", image_size=64, max_image_size=100), LLM_WIDTH)
     black = Image.new("RGB", (200, 100))  # all zeros: the pixel mask must not come from pixel values
     masks = torch.zeros(1, 100, 200, dtype=torch.bool)
     masks[0, 20:60, 40:120] = True
@@ -284,7 +285,7 @@ def test_prepare_resizes_pads_and_normalises_targets():
 
 
 def test_prepare_rejects_bad_targets():
-    decoder = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(), LLM_WIDTH)
+    decoder = GroundingDinoDecoder(tiny_decoder_config("gdino"), LLM_WIDTH)
     image = Image.new("RGB", (64, 48))
     with pytest.raises(ValueError, match=r"targets\[0\]\['masks'\]"):
         decoder.prepare([image], [{"boxes": [[0, 0, 4, 4]], "labels": [0], "masks": torch.zeros(1, 64, 48)}])
@@ -317,7 +318,7 @@ def test_masks_map_back_through_resize_and_padding():
 
 
 def test_load_pretrained_reads_transformers_weights(tmp_path):
-    config = GroundingDinoDecoderConfig.tiny()
+    config = tiny_decoder_config("gdino")
     hf_config = build_hf_config(config)
     hf_config.text_config = BertConfig(vocab_size=1100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=64)
@@ -372,7 +373,7 @@ def reconstructed_official_keys(ours: dict[str, torch.Tensor]) -> dict[str, torc
 def test_official_state_dict_converts_and_loads_strictly():
     """The one converter (``vllm2.convert``'s table, gdino rows from ``decoders.gdino.convert``) maps reconstructed
     official keys onto the decoder, which then loads them strictly."""
-    decoder = GroundingDinoDecoder(GroundingDinoDecoderConfig.tiny(), LLM_WIDTH)
+    decoder = GroundingDinoDecoder(tiny_decoder_config("gdino"), LLM_WIDTH)
     ours = {key: value.clone() for key, value in decoder.state_dict().items()}
     official = reconstructed_official_keys(ours)
     buffers = dict(decoder.named_buffers())
@@ -395,6 +396,6 @@ def test_official_state_dict_converts_and_loads_strictly():
 
 def test_registered_and_built_by_name():
     assert DECODERS["gdino"] is GroundingDinoDecoder
-    decoder = build_decoder("gdino", GroundingDinoDecoderConfig.tiny(), LLM_WIDTH)
+    decoder = build_decoder("gdino", tiny_decoder_config("gdino"), LLM_WIDTH)
     assert {name for name, _ in decoder.named_children()} >= {"model", "bbox_embed", "mask_embed", "patch2query"}
     assert decoder.patch2query.layers[0].in_features == LLM_WIDTH and len(decoder.patch2query.layers) == 3

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -22,6 +20,7 @@ from decoders.keypoint import (
     to_coco_keypoints,
 )
 from decoders.keypoint.criterion import LOSS_NAMES
+from tiny_sizes import tiny_decoder_config
 
 DET, POSE, C_LLM, K = 11, 12, 32, 4
 
@@ -36,7 +35,7 @@ def _seed_and_threads():
 
 
 def make_decoder(**overrides) -> KeypointDecoder:
-    cfg = KeypointDecoderConfig.tiny()
+    cfg = tiny_decoder_config("keypoint")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     decoder = build_decoder("keypoint", cfg, C_LLM)
@@ -326,11 +325,12 @@ def test_bad_inputs_raise_clear_errors():
         decoder(queries, mask, decoder.prepare(image, [{**target[0], "labels": torch.tensor([1])}]), route)
     with pytest.raises(ValueError, match="max_keypoints"):
         make_decoder(max_keypoints=2)(queries, mask, decoder.prepare(image), route)
-    fresh = build_decoder("keypoint", KeypointDecoderConfig.tiny(), C_LLM)
+    fresh = build_decoder("keypoint", tiny_decoder_config("keypoint"), C_LLM)
     with pytest.raises(RuntimeError, match="set_route_ids"):
         fresh(queries, mask, fresh.prepare(image), route)
+    missing = tiny_decoder_config("keypoint", backbone_pretrained="/no-such-backbone")
     with pytest.raises(FileNotFoundError, match="no-such-backbone"):
-        KeypointDecoder(replace(KeypointDecoderConfig.tiny(), backbone_pretrained="/no-such-backbone"), C_LLM).load_pretrained()
+        KeypointDecoder(missing, C_LLM).load_pretrained()
     with pytest.raises(ValueError, match="num_box_decoder_layers"):
         KeypointDecoderConfig(num_box_decoder_layers=6)
 

@@ -13,7 +13,8 @@ from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
 from decoders.base import build_decoder
-from decoders.keypoint import KeypointDecoderConfig, to_coco_results
+from decoders.keypoint import to_coco_results
+from tiny_sizes import tiny_decoder_config
 
 DET, POSE, C_LLM, K = 11, 12, 48, 4
 WIDTH, HEIGHT = 160, 128
@@ -81,7 +82,7 @@ def test_overfits_a_fixed_batch_and_localises_every_keypoint():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        decoder = build_decoder("keypoint", KeypointDecoderConfig.tiny(), C_LLM)
+        decoder = build_decoder("keypoint", tiny_decoder_config("keypoint"), C_LLM)
         decoder.set_route_ids([DET], [POSE])
         images, targets = synthetic_batch()
         inputs = decoder.prepare(images, targets)

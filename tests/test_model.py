@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import make_image
+from superlink import RouteTable
 from vllm2 import Sample, VisionLLMv2Model, VisionLLMv2Processor, build_model, load_config
 from vllm2.region import box_to_mask
 
@@ -109,11 +110,15 @@ def test_region_embedding_is_deterministic_in_training(tiny_cfg, tiny_processor)
     assert not torch.allclose(first, embed(other))
 
 
-def test_route_and_decoder_disagreeing_on_k_fail_at_build():
-    cfg = load_config("tiny", ["decoders.sd.num_queries=8"])
-    with pytest.raises(ValueError, match=r"route '\[GEN\]' has num_queries=64 but its decoder 'sd' takes 8 query "
-                                         r"states per group \(sd.num_queries\)"):
-        build_model(cfg)
+def test_decoders_take_k_from_their_routes():
+    """A route's ``num_embs`` is the one K: change it and its query table and decoder follow."""
+    cfg = load_config("tiny")
+    cfg.superlink.routes = [dict(r, num_embs=8) if r["decoder"] == "sd" else r
+                            for r in RouteTable.default().to_config()]
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert (model.sd.num_embs, model.ip2p.num_embs, model.gdino.num_embs, model.keypoint.num_embs) == (8, 64, 4, 4)
+    assert model.emb_embeddings_gen.num_embeddings == 8
 
 
 def test_region_changes_the_answer_logits(model, tiny_processor):

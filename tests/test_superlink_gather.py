@@ -17,7 +17,7 @@ PAD = 0
 
 
 def group_ids(token: str) -> list[int]:
-    return [IDS[token]] + [IDS[t] for t in placeholder_sequence(TABLE.route(token).num_queries)]
+    return [IDS[token]] + [IDS[t] for t in placeholder_sequence(TABLE.route(token).num_embs)]
 
 
 def random_batch(rng: random.Random) -> torch.Tensor:
@@ -51,7 +51,7 @@ def naive_gather(hidden: torch.Tensor, input_ids: torch.Tensor) -> dict[str, lis
             route = by_id[t]
             absorber = next((r for r in TABLE.routes if route.token in r.absorbs and r.token in tokens), None)
             decoder = (absorber or route).decoder
-            k = route.num_queries
+            k = route.num_embs
             per_decoder.setdefault(decoder, []).append((t, p, absorber is not None, hidden[b, p + 1 : p + 1 + k]))
         for decoder, groups in per_decoder.items():
             out.setdefault(decoder, []).append((b, groups))
@@ -69,7 +69,7 @@ def test_gather_equals_naive_loop() -> None:
         assert set(got) == set(expected)
         for decoder, samples in expected.items():
             groups = got[decoder]
-            k = TABLE.decoder_num_queries(decoder)
+            k = TABLE.decoder_num_embs(decoder)
             g = max(len(gs) for _, gs in samples)
             assert groups.states.shape == (len(samples), g, k, 6)
             assert groups.batch_index.tolist() == [b for b, _ in samples]

@@ -22,7 +22,7 @@ def test_default_table_is_official() -> None:
     assert table.route("[POSE]").absorbs == ("[DET]",)
     assert table.answer_suffix("[DET]") == "[DET][EMB][EMB2][EMB3][EMB4]"
     assert table.answer_suffix("[GEN]") == "[GEN]" + "[EMB]" * 64
-    assert table.decoder_num_queries("sd") == 64
+    assert table.decoder_num_embs("sd") == 64
 
 
 def test_placeholder_sequence_rule() -> None:
@@ -36,9 +36,9 @@ def test_config_round_trip_add_route_change_k_drop_decoder() -> None:
     assert RouteTable.from_config(config) == RouteTable.default()
     for entry in config:
         if entry["table"] == "det":
-            entry["num_queries"] = 6
-    config[3]["num_queries"] = 6  # [POSE] absorbs [DET]: same K
-    config.append({"token": "[OCR]", "decoder": "ocr", "num_queries": 2})
+            entry["num_embs"] = 6
+    config[3]["num_embs"] = 6  # [POSE] absorbs [DET]: same K
+    config.append({"token": "[OCR]", "decoder": "ocr", "num_embs": 2})
     table = RouteTable.from_config(config)
     assert table.answer_suffix("[SEG]") == "[SEG][EMB][EMB2][EMB3][EMB4][EMB5][EMB6]"
     assert table.route("[OCR]").table == "ocr"  # table defaults to the decoder name
@@ -49,28 +49,43 @@ def test_config_round_trip_add_route_change_k_drop_decoder() -> None:
     assert reduced.decoders == ["keypoint", "sd", "ip2p"]
 
 
+def test_legacy_num_queries_key_is_read_as_num_embs() -> None:
+    """Older configs and saved models name a route's K ``num_queries``; both names agreeing is accepted too."""
+    legacy = [{("num_queries" if key == "num_embs" else key): value for key, value in entry.items()}
+              for entry in RouteTable.default().to_config()]
+    assert RouteTable.from_config(legacy) == RouteTable.default()
+    both = [{"token": "[A]", "decoder": "x", "num_queries": 3, "num_embs": 3}]
+    assert RouteTable.from_config(both).route("[A]").num_embs == 3
+    assert "num_queries" not in RouteTable.from_config(both).to_config()[0]
+    assert both[0]["num_queries"] == 3  # the caller's dicts are left as they are
+    with pytest.raises(ValueError, match=r"routes\[1\] \('\[B\]'\): num_queries=3 \(the old name of num_embs\) and "
+                                         r"num_embs=4 differ"):
+        RouteTable.from_config([{"token": "[A]", "decoder": "x", "num_embs": 4},
+                                {"token": "[B]", "decoder": "y", "num_queries": 3, "num_embs": 4}])
+
+
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
-        ([{"token": "[A]", "decoder": "x", "num_queries": 4, "table": "t"},
-          {"token": "[B]", "decoder": "y", "num_queries": 8, "table": "t"}], "share table 't'"),
-        ([{"token": "[A]", "decoder": "x", "num_queries": 4, "table": "t"},
-          {"token": "[B]", "decoder": "x", "num_queries": 8, "table": "u"}], "share decoder 'x'"),
-        ([{"token": "[A]", "decoder": "x", "num_queries": 4}, {"token": "[A]", "decoder": "y", "num_queries": 4}],
+        ([{"token": "[A]", "decoder": "x", "num_embs": 4, "table": "t"},
+          {"token": "[B]", "decoder": "y", "num_embs": 8, "table": "t"}], "share table 't'"),
+        ([{"token": "[A]", "decoder": "x", "num_embs": 4, "table": "t"},
+          {"token": "[B]", "decoder": "x", "num_embs": 8, "table": "u"}], "share decoder 'x'"),
+        ([{"token": "[A]", "decoder": "x", "num_embs": 4}, {"token": "[A]", "decoder": "y", "num_embs": 4}],
          "duplicate route token"),
-        ([{"token": "[A]", "decoder": "x", "num_queries": 4, "k": 3}], "unknown key"),
+        ([{"token": "[A]", "decoder": "x", "num_embs": 4, "k": 3}], "unknown key"),
         ([{"token": "[A]", "decoder": "x"}], "missing key"),
-        ([{"token": "[A]", "decoder": "x", "num_queries": 0}], "num_queries must be a positive int"),
-        ([{"token": "[EMB3]", "decoder": "x", "num_queries": 4}], "is a placeholder token"),
-        ([{"token": "[A]", "decoder": "x", "num_queries": 4, "absorbs": ["[Z]"]}], "absorbs unknown"),
-        ([{"token": "[A]", "decoder": "x", "num_queries": 4, "absorbs": ["[B]"]},
-          {"token": "[B]", "decoder": "y", "num_queries": 8}], "must share num_queries"),
-        ([{"token": "[A]", "decoder": "x", "num_queries": 4, "absorbs": ["[C]"]},
-          {"token": "[B]", "decoder": "y", "num_queries": 4, "absorbs": ["[C]"]},
-          {"token": "[C]", "decoder": "z", "num_queries": 4}], "absorbed by both"),
-        ([{"token": "[A]", "decoder": "x", "num_queries": 4, "absorbs": ["[B]"]},
-          {"token": "[B]", "decoder": "y", "num_queries": 4, "absorbs": ["[C]"]},
-          {"token": "[C]", "decoder": "z", "num_queries": 4}], "absorbs others and is absorbed"),
+        ([{"token": "[A]", "decoder": "x", "num_embs": 0}], "num_embs must be a positive int"),
+        ([{"token": "[EMB3]", "decoder": "x", "num_embs": 4}], "is a placeholder token"),
+        ([{"token": "[A]", "decoder": "x", "num_embs": 4, "absorbs": ["[Z]"]}], "absorbs unknown"),
+        ([{"token": "[A]", "decoder": "x", "num_embs": 4, "absorbs": ["[B]"]},
+          {"token": "[B]", "decoder": "y", "num_embs": 8}], "must share num_embs"),
+        ([{"token": "[A]", "decoder": "x", "num_embs": 4, "absorbs": ["[C]"]},
+          {"token": "[B]", "decoder": "y", "num_embs": 4, "absorbs": ["[C]"]},
+          {"token": "[C]", "decoder": "z", "num_embs": 4}], "absorbed by both"),
+        ([{"token": "[A]", "decoder": "x", "num_embs": 4, "absorbs": ["[B]"]},
+          {"token": "[B]", "decoder": "y", "num_embs": 4, "absorbs": ["[C]"]},
+          {"token": "[C]", "decoder": "z", "num_embs": 4}], "absorbs others and is absorbed"),
         ({"token": "[A]"}, "must be a list"),
     ],
 )
@@ -94,7 +109,7 @@ def test_bind_tensors() -> None:
     ids = _ids(table)
     bound = table.bind(ids.__getitem__)
     assert bound.route_ids.tolist() == [80, 81, 82, 83, 84, 85]
-    assert bound.num_queries.tolist() == [4, 4, 4, 4, 64, 64]
+    assert bound.num_embs.tolist() == [4, 4, 4, 4, 64, 64]
     assert bound.table_offset.tolist() == [0, 0, 0, 4, 8, 72]
     assert bound.total_queries == 136
     assert bound.decoder_index.tolist() == [0, 0, 0, 1, 2, 3]

@@ -16,7 +16,7 @@ PAD = 0
 
 
 def group_ids(token: str) -> list[int]:
-    return [IDS[token]] + [IDS[t] for t in placeholder_sequence(TABLE.route(token).num_queries)]
+    return [IDS[token]] + [IDS[t] for t in placeholder_sequence(TABLE.route(token).num_embs)]
 
 
 def random_batch(rng: random.Random) -> torch.Tensor:
@@ -40,7 +40,7 @@ def naive_splice(embeds: torch.Tensor, input_ids: torch.Tensor, query_weight: to
         for p, token in enumerate(row):
             route = next((r for r in TABLE.routes if IDS[r.token] == token), None)
             if route is not None:
-                for j in range(route.num_queries):
+                for j in range(route.num_embs):
                     out[b, p + 1 + j] = query_weight[offsets[route.table] + j]
     return out
 
@@ -51,7 +51,7 @@ def naive_mask(input_ids: torch.Tensor) -> torch.Tensor:
         for p, token in enumerate(row):
             route = next((r for r in TABLE.routes if IDS[r.token] == token), None)
             if route is not None:
-                mask[b, p + 1 : p + 1 + route.num_queries] = True
+                mask[b, p + 1 : p + 1 + route.num_embs] = True
     return mask
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from superlink import RouteTable, TextLink
+from superlink.routes import LEGACY_K_KEY
 
 from .images import MAX_IMAGE_PIXELS
 
@@ -119,6 +120,10 @@ class SuperlinkConfig:
     location_bins: int = 1025
     class_tokens: int = 512
 
+    def route_table(self) -> RouteTable:
+        """The routing table: ``routes`` when given, else the official one."""
+        return RouteTable.from_config(self.routes) if self.routes else RouteTable.default()
+
 
 @dataclass
 class TrainingConfig:
@@ -168,7 +173,7 @@ class VLLM2Config:
 
     def route_table(self) -> RouteTable:
         """The routing table: ``superlink.routes`` when given, else the official one."""
-        return RouteTable.from_config(self.superlink.routes) if self.superlink.routes else RouteTable.default()
+        return self.superlink.route_table()
 
     def text_link(self) -> TextLink | None:
         """The text-transmission vocabulary (``superlink.transmission: text``), or None for the super link."""
@@ -218,17 +223,18 @@ def config_from_dict(cls: type, data: dict, where: str = "") -> Any:
         if key not in names:
             full = f"{where}.{key}" if where else key
             raise KeyError(f"unknown config key {full!r} (known: {', '.join(sorted(names))})")
+    decoders = cls is VLLM2Config and "decoders" in data  # read last: a decoder's config may need the routes
     kwargs = {}
     for key, value in data.items():
-        full = f"{where}.{key}" if where else key
-        if cls is VLLM2Config and key == "decoders":
-            kwargs[key] = _decoder_configs(value or {}, full)
-        else:
-            kwargs[key] = _convert(hints[key], value, full)
+        if not (decoders and key == "decoders"):
+            kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+    if decoders:
+        superlink = kwargs.get("superlink") or SuperlinkConfig()
+        kwargs["decoders"] = _decoder_configs(data["decoders"] or {}, "decoders", superlink)
     return cls(**kwargs)
 
 
-def _decoder_configs(data: dict, where: str) -> dict[str, Any]:
+def _decoder_configs(data: dict, where: str, superlink: SuperlinkConfig) -> dict[str, Any]:
     """Map ``{decoder name: dict}`` onto each registered decoder's ``config_class``."""
     from decoders import DECODERS
 
@@ -239,9 +245,33 @@ def _decoder_configs(data: dict, where: str) -> dict[str, Any]:
         if name not in DECODERS:
             raise KeyError(f"unknown config key {where}.{name!r}: no decoder registered as {name!r} "
                            f"(registered: {', '.join(sorted(DECODERS))})")
-        cls = DECODERS[name].config_class
-        out[name] = config_from_dict(cls, sub or {}, f"{where}.{name}") if dataclasses.is_dataclass(cls) else dict(sub or {})
+        cls, full = DECODERS[name].config_class, f"{where}.{name}"
+        if dataclasses.is_dataclass(cls):
+            out[name] = config_from_dict(cls, _without_legacy_k(name, cls, sub or {}, full, superlink), full)
+        else:
+            out[name] = dict(sub or {})
     return out
+
+
+def _without_legacy_k(name: str, cls: type, sub: dict, where: str, superlink: SuperlinkConfig) -> dict:
+    """A decoder's config dict without the ``num_queries`` key that older ``sd`` and ``ip2p`` configs (and saved
+    models) carry: K is now only the ``num_embs`` of the decoder's routes. A config class with a ``num_queries`` field
+    of its own (the DETR proposals of ``gdino`` and ``keypoint``) keeps the key.
+
+    Raises:
+        ValueError: the old key disagrees with the ``num_embs`` of the decoder's routes.
+    """
+    if LEGACY_K_KEY not in sub or LEGACY_K_KEY in {f.name for f in dataclasses.fields(cls)}:
+        return sub
+    sub = dict(sub)
+    k = sub.pop(LEGACY_K_KEY)
+    table = superlink.route_table()
+    if name in table.decoders and k != table.decoder_num_embs(name):
+        tokens = [r.token for r in table if r.decoder == name]
+        raise ValueError(f"config key {where}.{LEGACY_K_KEY}: {k!r} differs from num_embs="
+                         f"{table.decoder_num_embs(name)} of the routes {tokens} of decoder {name!r} "
+                         f"(superlink.routes); the routes alone set K now: remove {where}.{LEGACY_K_KEY}")
+    return sub
 
 
 def config_to_dict(cfg: Any) -> Any:

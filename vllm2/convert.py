@@ -403,15 +403,21 @@ def _llm(llm: Mapping[str, Any], official: Mapping[str, Any], base: VLLM2Config)
 
 
 def _routes(official: Mapping[str, Any], base: VLLM2Config) -> list[dict] | None:
-    """The route table with the official K: ``num_embs`` for the det/pose tables, ``num_embs_gen`` for gen/edit."""
+    """The route table with the official K: ``num_embs`` for the det/pose tables, ``num_embs_gen`` for gen/edit
+    (the diffusion configs' ``num_embed_tokens`` repeat it and must agree)."""
     k = {"det": official.get("num_embs", 4), "pose": official.get("num_embs", 4),
          "gen": official.get("num_embs_gen", 64), "edit": official.get("num_embs_gen", 64)}
+    for key in ("sd_config", "ip2p_config"):
+        tokens = (official.get(key) or {}).get("num_embed_tokens", k["gen"])
+        if tokens != k["gen"]:
+            raise ConversionError(f"config.json: {key}.num_embed_tokens={tokens} differs from "
+                                  f"num_embs_gen={k['gen']}; our decoders take K from the routes")
     table = base.route_table()
     unknown = sorted(set(table.tables) - set(k))
     if unknown:
         raise ConversionError(f"base config: query tables {unknown} have no official counterpart "
                               "(det, pose, gen, edit)")
-    routes = [dict(route, num_queries=k[route["table"]]) for route in table.to_config()]
+    routes = [dict(route, num_embs=k[route["table"]]) for route in table.to_config()]
     return None if base.superlink.routes is None and routes == RouteTable.default().to_config() else routes
 
 
@@ -445,8 +451,8 @@ def _diffusion_fields(d: Mapping[str, Any]) -> dict[str, Any]:
     """The official mapper: ``nn.Transformer`` with its default 8 heads and FFN = 4 x width."""
     fields = {ours: d[theirs] for theirs, ours in (
         ("sd_hidden_size", "cross_attention_dim"), ("num_queries", "num_prompt_tokens"),
-        ("num_encoder_layers", "mapper_encoder_layers"), ("num_decoder_layers", "mapper_decoder_layers"),
-        ("num_embed_tokens", "num_queries")) if theirs in d}
+        ("num_encoder_layers", "mapper_encoder_layers"), ("num_decoder_layers", "mapper_decoder_layers"))
+        if theirs in d}
     if "sd_hidden_size" in d:
         fields.update(mapper_heads=8, mapper_ffn_dim=4 * d["sd_hidden_size"])
     return fields
@@ -496,7 +502,7 @@ def project_config(official: Mapping[str, Any], base: VLLM2Config) -> VLLM2Confi
     Read: ``vis_encoder_config`` (CLIP dims), ``vis_output_layer``, ``vl_bridge_type``, ``use_region_encoder``,
     ``llm_config`` (LLM dims), ``use_llm_lora`` (official r 32, alpha 64, dropout 0.05), ``num_embs`` /
     ``num_embs_gen`` (the routes' K), ``use_gdino`` / ``gdino_config`` (transformer and Swin dims), ``use_unipose``
-    (``hidden_dim``), ``use_sd`` / ``sd_config`` and ``use_ip2p`` / ``ip2p_config`` (mapper dims, K). Everything
+    (``hidden_dim``), ``use_sd`` / ``sd_config`` and ``use_ip2p`` / ``ip2p_config`` (mapper dims). Everything
     else comes from ``base``; local weight paths are cleared. Decoders the official model does not use are dropped.
 
     Args:

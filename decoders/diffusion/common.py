@@ -137,18 +137,13 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
     def device(self) -> torch.device:
         return self.llm2sd_mapper_queries.device
 
-    @property
-    def queries_per_group(self) -> int:
-        """K: the mapper reads ``num_queries`` query states per group."""
-        return self.config.num_queries
-
     # ----------------------------------------------------------------- query states -> prompt embeddings
     def _check_queries(self, queries: torch.Tensor, query_mask: torch.Tensor) -> None:
-        if queries.dim() != 4 or queries.shape[2] != self.config.num_queries:
-            raise ValueError(
-                f"{self.name}: queries must be [B, G, {self.config.num_queries}, C] (num_queries), "
-                f"got {tuple(queries.shape)}"
-            )
+        """Raise ``ValueError`` unless ``queries`` is ``[B, G, K, C]`` with its routes' K (any K while unbound)."""
+        if queries.dim() != 4 or (self.num_embs is not None and queries.shape[2] != self.num_embs):
+            k = "K" if self.num_embs is None else self.num_embs
+            raise ValueError(f"{self.name}: queries must be [B, G, {k}, C] (K = its routes' num_embs), "
+                             f"got {tuple(queries.shape)}")
         if query_mask.shape != queries.shape[:2]:
             raise ValueError(
                 f"{self.name}: query_mask {tuple(query_mask.shape)} must be [B, G] = {tuple(queries.shape[:2])}"

@@ -1,14 +1,16 @@
 """Configs of the generation (``sd``) and editing (``ip2p``) decoders.
 
 Defaults are the official 7B dimensions: Stable Diffusion v1.5 (UNet, VAE, CLIP-L text encoder, 768-wide prompt
-embeddings of 77 tokens) fed by 64 super-link query states, and the InstructPix2Pix variant (8-channel UNet input,
-256-px images). ``tiny_sd_config`` / ``tiny_ip2p_config`` give the CPU test sizes.
+embeddings of 77 tokens) and the InstructPix2Pix variant (8-channel UNet input, 256-px images); the CPU test sizes
+are the ``decoders.sd`` / ``decoders.ip2p`` sections of ``configs/tiny.yaml``. The number of super-link query states
+per group (K, 64 officially) is not a field here: it is the ``num_embs`` of the decoder's routes
+(``superlink.routes``), which the model hands to the decoder when it binds them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Any, NoReturn, Optional
+from dataclasses import dataclass
+from typing import NoReturn, Optional
 
 __all__ = [
     "DiffusionConfig",
@@ -16,9 +18,6 @@ __all__ = [
     "IP2PConfig",
     "INFERENCE_SCHEDULERS",
     "NULL_PROMPT_MODES",
-    "TINY_DIFFUSION",
-    "tiny_sd_config",
-    "tiny_ip2p_config",
 ]
 
 INFERENCE_SCHEDULERS = ("pndm", "ddim", "ddpm", "euler", "euler_ancestral", "dpm_multistep")
@@ -29,8 +28,7 @@ NULL_PROMPT_MODES = ("empty", "learned")
 class DiffusionConfig:
     """Fields shared by the ``sd`` and ``ip2p`` decoders.
 
-    Mapper (query states -> prompt embeddings):
-        num_queries: query states per group (K) the LLM emits after the route token.
+    Mapper (the K query states of a group, K from its routes -> prompt embeddings):
         cross_attention_dim: width of the prompt embeddings (the UNet's cross-attention width, C_text).
         num_prompt_tokens: number of prompt embeddings (learnable mapper queries), 77 as CLIP's context.
         mapper_encoder_layers / mapper_decoder_layers / mapper_heads / mapper_ffn_dim / mapper_dropout: the pre-norm
@@ -69,7 +67,6 @@ class DiffusionConfig:
             (the constructor never reads it).
     """
 
-    num_queries: int = 64
     cross_attention_dim: int = 768
     num_prompt_tokens: int = 77
     mapper_encoder_layers: int = 1
@@ -159,7 +156,7 @@ class DiffusionConfig:
             self._fail("null_prompt", "'empty' needs use_text_encoder=True; use 'learned' without a text encoder")
         if self.align_loss_weight < 0:
             self._fail("align_loss_weight", f"must be >= 0, got {self.align_loss_weight}")
-        for name in ("num_queries", "num_prompt_tokens", "num_inference_steps", "noise_samples"):
+        for name in ("num_prompt_tokens", "num_inference_steps", "noise_samples"):
             if getattr(self, name) <= 0:
                 self._fail(name, f"must be positive, got {getattr(self, name)}")
 
@@ -218,45 +215,3 @@ class IP2PConfig(DiffusionConfig):
             self._fail("text_drop_prob", "text_drop_prob + image_drop_prob + both_drop_prob must not exceed 1")
         if self.image_guidance_scale < 1.0:
             self._fail("image_guidance_scale", f"must be >= 1, got {self.image_guidance_scale}")
-
-
-TINY_DIFFUSION: dict[str, Any] = {
-    "cross_attention_dim": 32,
-    "mapper_heads": 4,
-    "mapper_ffn_dim": 64,
-    "resolution": 32,
-    "unet_block_out_channels": (32, 64),
-    "unet_down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "unet_up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "unet_layers_per_block": 1,
-    "unet_attention_head_dim": 4,
-    "unet_norm_num_groups": 8,
-    "vae_block_out_channels": (16, 32),
-    "vae_layers_per_block": 1,
-    "vae_norm_num_groups": 8,
-    "text_encoder_layers": 1,
-    "text_encoder_heads": 2,
-    "text_encoder_ffn_dim": 64,
-    "text_encoder_vocab_size": 64,
-    "null_prompt": "learned",
-    "num_inference_steps": 4,
-}
-"""The tiny sizes used in CPU tests (everything else keeps its default)."""
-
-
-def _tiny(cls: type[DiffusionConfig], overrides: dict[str, Any]) -> DiffusionConfig:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
-    return replace(cls(), **{**TINY_DIFFUSION, **overrides})
-
-
-def tiny_sd_config(**overrides: Any) -> SDConfig:
-    """``SDConfig`` with ``TINY_DIFFUSION`` sizes, then ``overrides``."""
-    return _tiny(SDConfig, overrides)  # type: ignore[return-value]
-
-
-def tiny_ip2p_config(**overrides: Any) -> IP2PConfig:
-    """``IP2PConfig`` with ``TINY_DIFFUSION`` sizes, then ``overrides``."""
-    return _tiny(IP2PConfig, overrides)  # type: ignore[return-value]

@@ -2,8 +2,8 @@
 
 The defaults are the official 7B dimensions (transformers' grounding-dino-tiny: Swin-T backbone, d_model 256, 900
 queries, 6 encoder and 6 decoder layers, 4 feature levels, 4 sampling points, text length 256; the super-link
-projection 4096 -> 256 -> 256 -> 256). :meth:`GroundingDinoDecoderConfig.tiny` gives the small values used in the CPU
-tests.
+projection 4096 -> 256 -> 256 -> 256). The small values used in the CPU tests are the ``decoders.gdino`` section of
+``configs/tiny.yaml``.
 """
 
 from __future__ import annotations
@@ -123,32 +123,3 @@ class GroundingDinoDecoderConfig:
     def max_categories(self) -> int:
         """Categories scored in one pass (the rest go to further chunks)."""
         return self.max_text_len - 2
-
-    @classmethod
-    def tiny(cls, **overrides: object) -> GroundingDinoDecoderConfig:
-        """Small values for CPU tests: a 4-stage Swin (embed 16, depths 1/1/1/1, heads 1/2/4/8, window 4), d_model 64,
-        2 encoder + 3 decoder layers, FFN 128, 4 heads, 20 queries, text length 8 (6 categories per pass),
-        128-pixel images, 256 mask points. ``overrides`` replace any field."""
-        values: dict[str, object] = dict(
-            backbone_type="swin",
-            backbone_embed_dim=16,
-            backbone_depths=(1, 1, 1, 1),
-            backbone_num_heads=(1, 2, 4, 8),
-            backbone_window_size=4,
-            d_model=64,
-            num_heads=4,
-            num_points=4,
-            ffn_dim=128,
-            fusion_droppath=0.0,
-            num_encoder_layers=2,
-            num_decoder_layers=3,
-            num_queries=20,
-            max_text_len=8,
-            projection_hidden_dim=64,
-            image_size=128,
-            max_image_size=128,
-            mask_points=256,
-            topk=20,
-        )
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]

@@ -1,8 +1,8 @@
 """Configuration of the keypoint decoder behind ``[POSE]``.
 
 The defaults are the official 7B dimensions (UniPose with a Swin-T backbone: d_model 256, 900 queries, 6 encoder and
-6 decoder layers, 4 feature levels, 50 pose instances, up to 68 keypoints). :meth:`KeypointDecoderConfig.tiny` gives
-the small values used in the CPU tests.
+6 decoder layers, 4 feature levels, 50 pose instances, up to 68 keypoints). The small values used in the CPU tests
+are the ``decoders.keypoint`` section of ``configs/tiny.yaml``.
 """
 
 from __future__ import annotations
@@ -116,25 +116,3 @@ class KeypointDecoderConfig:
         """The folder ``KeypointDecoder.load_pretrained`` reads (the backbone's), under the name the other decoders'
         configs give theirs."""
         return self.backbone_pretrained
-
-    @classmethod
-    def tiny(cls) -> KeypointDecoderConfig:
-        """Small values for CPU tests: a 4-stage basic ResNet (16/32/64/128), d_model 64, 1 encoder + 3 decoder
-        layers (1 box layer), 30 instance queries, 10 pose instances, 128-pixel images."""
-        return cls(
-            backbone_type="resnet",
-            backbone_embed_dim=16,
-            backbone_depths=(1, 1, 1, 1),
-            d_model=64,
-            num_heads=4,
-            num_points=4,
-            ffn_dim=128,
-            num_encoder_layers=1,
-            num_decoder_layers=3,
-            num_box_decoder_layers=1,
-            num_queries=30,
-            num_pose_queries=10,
-            projection_hidden_dim=64,
-            image_size=128,
-            max_image_size=128,
-        )
