@@ -129,8 +129,23 @@ def create_open_clip(cfg: VisionConfig, pretrained: str | None = None) -> nn.Mod
     if cfg.open_clip_model not in open_clip.list_models():
         raise ValueError(f"config key vision.open_clip_model: unknown open_clip model {cfg.open_clip_model!r}")
     device = torch.empty(0).device  # "meta" while transformers' from_pretrained builds the model: keep it there
-    return open_clip.create_model(cfg.open_clip_model, pretrained=pretrained, force_image_size=cfg.image_size,
-                                  device=device)
+    quiet = _NoRandomInitWarning() if pretrained is None else None  # the weights come later (a model folder)
+    if quiet:
+        logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(cfg.open_clip_model, pretrained=pretrained, force_image_size=cfg.image_size,
+                                      device=device)
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
+
+
+class _NoRandomInitWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" warning, which is wrong when the
+    tower's weights are loaded right after it is built (from a model folder or ``vision.pretrained``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 def _open_clip_tower(visual: nn.Module, cfg: VisionConfig) -> tuple[nn.Module, int | None]:
