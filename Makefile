@@ -50,12 +50,13 @@ shapes-model: $(SHAPES)/train/manifest.json
 	cp runs/shapes/final/config.json runs/shapes/final/model.safetensors runs/shapes/final/processor_config.json \
 		runs/shapes/final/tokenizer.json runs/shapes/final/tokenizer_config.json $(MODEL)/
 
-# The real recipe in miniature: stage 0 (the vision tower, patch-phrase contrast), then configs/shapes/stage1-3.yaml,
-# each stage starting from the previous stage's export -> $(STAGED)/stage3/final; per-stage seconds in
-# $(STAGED)/times.txt.
+# The real recipe in miniature: stage 0 (the vision tower, patch-phrase contrast), then configs/shapes/stage1.yaml,
+# stage1b.yaml (stage 1 continued), stage2.yaml and stage 3 in two decoder-only phases, stage3a.yaml (GroundingDINO's
+# tasks) and stage3b.yaml (keypoints, edits, generation); each stage starts from the previous stage's export
+# -> $(STAGED)/stage3b/final; per-stage seconds in $(STAGED)/times.txt.
 shapes-staged: $(SHAPES)/train/manifest.json $(SHAPES)/val/manifest.json
 	mkdir -p $(STAGED) && rm -f $(STAGED)/times.txt
-	for stage in 0 1 2 3; do start=$$(date +%s); \
+	for stage in 0 1 1b 2 3a 3b; do start=$$(date +%s); \
 		if [ $$stage = 0 ]; then $(STAGE0); else $(PY) -m vllm2.cli train configs/shapes/stage$$stage.yaml; fi || exit 1; \
 		echo "stage $$stage: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt; \
 	done
