@@ -1,7 +1,7 @@
 # `make venv` builds .venv with pinned packages (idempotent: re-runs only when requirements or setup.py change).
 # `make test` runs the whole suite (installing chromium for the browser test when missing); `make demo` runs the main
 # job on the embedded default (the shapes-world model shipped in data/shapes-model). `make shapes-model` retrains that
-# model from scratch (data seed 0, training seed 0) and `make shapes-bench` measures it on a held-out world (seed 1).
+# model from scratch with the staged recipe (data seed 0, training seed 0) and `make shapes-bench` measures it on a held-out world (seed 1).
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
@@ -16,7 +16,7 @@ STAGE0 := $(PY) -m vllm2.cli tower pretrain --config configs/shapes/base.yaml --
 TEXT_MODEL := runs/shapes-text/final
 COMPARE_OUT := runs/shapes-compare
 
-.PHONY: venv browser test demo shapes-model shapes-staged shapes-bench shapes-text-model shapes-compare clean
+.PHONY: venv browser test demo shapes-model shapes-bench shapes-text-model shapes-compare clean
 
 venv: $(STAMP)
 
@@ -44,22 +44,19 @@ $(SHAPES)/train/manifest.json: $(STAMP)
 $(SHAPES)/val/manifest.json: $(STAMP)
 	$(PY) -m vllm2.cli data shapes --out $(SHAPES)/val --n 200 --seed 1 --gen-size 32
 
-shapes-model: $(SHAPES)/train/manifest.json
-	$(PY) -m vllm2.cli train configs/shapes.yaml
-	rm -rf $(MODEL) && mkdir -p $(MODEL)
-	cp runs/shapes/final/config.json runs/shapes/final/model.safetensors runs/shapes/final/processor_config.json \
-		runs/shapes/final/tokenizer.json runs/shapes/final/tokenizer_config.json $(MODEL)/
-
-# The real recipe in miniature: stage 0 (the vision tower, patch-phrase contrast), then configs/shapes/stage1.yaml,
-# stage1b.yaml (stage 1 continued), stage2.yaml and stage 3 in two decoder-only phases, stage3a.yaml (GroundingDINO's
-# tasks) and stage3b.yaml (keypoints, edits, generation); each stage starts from the previous stage's export
-# -> $(STAGED)/stage3b/final; per-stage seconds in $(STAGED)/times.txt.
-shapes-staged: $(SHAPES)/train/manifest.json $(SHAPES)/val/manifest.json
+# The real recipe in miniature, from scratch: stage 0 (the vision tower, patch-phrase contrast), then
+# configs/shapes/stage1.yaml, stage1b.yaml (stage 1 continued), stage2.yaml and stage 3 in two decoder-only phases,
+# stage3a.yaml (GroundingDINO's tasks) and stage3b.yaml (keypoints, edits, generation); each stage starts from the
+# previous stage's export; per-stage seconds in $(STAGED)/times.txt. The last export becomes $(MODEL).
+shapes-model: $(SHAPES)/train/manifest.json $(SHAPES)/val/manifest.json
 	mkdir -p $(STAGED) && rm -f $(STAGED)/times.txt
 	for stage in 0 1 1b 2 3a 3b; do start=$$(date +%s); \
 		if [ $$stage = 0 ]; then $(STAGE0); else $(PY) -m vllm2.cli train configs/shapes/stage$$stage.yaml; fi || exit 1; \
 		echo "stage $$stage: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt; \
 	done
+	rm -rf $(MODEL) && mkdir -p $(MODEL)
+	cd $(STAGED)/stage3b/final && cp config.json model.safetensors processor_config.json tokenizer.json \
+		tokenizer_config.json $(CURDIR)/$(MODEL)/
 
 # Routed mode (the model picks its routes) on the held-out world; one result JSON per task in $(BENCH_OUT).
 shapes-bench: $(SHAPES)/val/manifest.json
