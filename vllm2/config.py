@@ -247,13 +247,13 @@ def _decoder_configs(data: dict, where: str, superlink: SuperlinkConfig) -> dict
                            f"(registered: {', '.join(sorted(DECODERS))})")
         cls, full = DECODERS[name].config_class, f"{where}.{name}"
         if dataclasses.is_dataclass(cls):
-            out[name] = config_from_dict(cls, _without_legacy_k(name, cls, sub or {}, full, superlink), full)
+            out[name] = config_from_dict(cls, _without_legacy_decoder_k(name, cls, sub or {}, full, superlink), full)
         else:
             out[name] = dict(sub or {})
     return out
 
 
-def _without_legacy_k(name: str, cls: type, sub: dict, where: str, superlink: SuperlinkConfig) -> dict:
+def _without_legacy_decoder_k(name: str, cls: type, sub: dict, where: str, superlink: SuperlinkConfig) -> dict:
     """A decoder's config dict without the ``num_queries`` key that older ``sd`` and ``ip2p`` configs (and saved
     models) carry: K is now only the ``num_embs`` of the decoder's routes. A config class with a ``num_queries`` field
     of its own (the DETR proposals of ``gdino`` and ``keypoint``) keeps the key.
