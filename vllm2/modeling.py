@@ -308,12 +308,12 @@ class VisionLLMv2Model(PreTrainedModel):
         tokenizer = None
         for name in self.decoder_names:
             decoder = getattr(self, name)
-            path = getattr(cfg.decoders[name], "pretrained_path", None)
-            if path:
-                decoder.load_pretrained(path)
             if getattr(cfg.decoders[name], "text_tokenizer", None) == "llm":
                 tokenizer = tokenizer or load_tokenizer(*cfg.tokenizer_source(), routes=self.routes)
                 decoder.set_tokenizer(tokenizer)
+            path = getattr(cfg.decoders[name], "pretrained_path", None)
+            if path:
+                decoder.load_pretrained(path)
 
     def _load_pretrained_llm(self, folder: str) -> None:
         """Copy a causal-LM folder's weights into the LLM. The rows of the tokens added to the tokenizer start at the

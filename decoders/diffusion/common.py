@@ -256,15 +256,25 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
         keep = [i for i, caption in enumerate(captions) if caption is not None]
         if self.config.align_loss_weight == 0 or self.sd_text_encoder is None or not keep:
             return None
+        text = self.caption_prompts([captions[i] for i in keep])  # [M, T, C]
+        return F.mse_loss(prompts[keep].float(), text.float())
+
+    @torch.no_grad()
+    def caption_prompts(self, captions: list[str]) -> torch.Tensor:
+        """The frozen text encoder's embeddings of ``captions``, ``[N, T, C]``: what a pretrained UNet is conditioned
+        on (:mod:`vllm2.decoder_pretrain`), and the target the alignment loss pulls the mapped query states to.
+
+        Raises:
+            ValueError: no text encoder, or no tokenizer for it.
+        """
+        if self.sd_text_encoder is None:
+            raise ValueError(f"{self.name}: caption prompts need the text encoder ({self.name}.use_text_encoder)")
         if self.sd_tokenizer is None:
             raise ValueError(f"{self.name}: the alignment loss needs the text encoder's tokenizer, and none is set: "
                              "give pretrained_path (a folder with tokenizer/), text_tokenizer: llm, or call "
                              f"set_tokenizer; or turn the loss off with {self.name}.align_loss_weight: 0")
-        texts = [captions[i] for i in keep]
-        self._warn_truncated(texts)
-        with torch.no_grad():
-            text = encode_text(self.sd_text_encoder, self.sd_tokenizer, texts, self.config.num_prompt_tokens)
-        return F.mse_loss(prompts[keep].float(), text.float())  # text [M, T, C]
+        self._warn_truncated(captions)
+        return encode_text(self.sd_text_encoder, self.sd_tokenizer, captions, self.config.num_prompt_tokens)
 
     def _warn_truncated(self, texts: list[str]) -> None:
         """Warn once when a caption is longer than the text encoder's ``num_prompt_tokens`` context: its end (often
@@ -310,18 +320,23 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
         if prompts.shape[0] == 0:
             zero = self.zero_loss(queries)
             return DecoderOutput(loss=zero, loss_dict={"loss_diffusion": zero}, preds=prompts)
+        losses = {"loss_diffusion": self.diffusion_loss(prompts, sample_index, inputs)}
+        captions = inputs.get("captions") or [None] * queries.shape[0]
+        align = self.alignment_loss(prompts, [captions[i] for i in sample_index.tolist()])
+        if align is not None:
+            losses["loss_align"] = self.config.align_loss_weight * align
+        return DecoderOutput(loss=sum(losses.values()), loss_dict=losses, preds=prompts)
+
+    def diffusion_loss(self, prompts: torch.Tensor, sample_index: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """The denoising loss of prompts ``[N, T, C]`` towards their samples' targets (``sample_index`` ``[N]`` into
+        ``inputs``), with ``noise_samples`` draws of timestep, noise and conditioning dropout each."""
         generator = inputs.get("generator")
         draws = self.config.noise_samples
         draw_index = sample_index.repeat_interleave(draws)  # [N * draws]
         latents = self.encode_latents(inputs["target_pixels"], sample=True, generator=generator)[draw_index]
         condition, image_latents = self.conditioning(prompts.repeat_interleave(draws, 0), inputs, draw_index,
                                                      generator)  # [N * draws, T, C]
-        losses = {"loss_diffusion": self.denoising_loss(latents, condition, image_latents, generator)}
-        captions = inputs.get("captions") or [None] * queries.shape[0]
-        align = self.alignment_loss(prompts, [captions[i] for i in sample_index.tolist()])
-        if align is not None:
-            losses["loss_align"] = self.config.align_loss_weight * align
-        return DecoderOutput(loss=sum(losses.values()), loss_dict=losses, preds=prompts)
+        return self.denoising_loss(latents, condition, image_latents, generator)
 
     def zero_loss(self, queries: torch.Tensor) -> torch.Tensor:
         """A zero loss connected to the query states and the mapper (no valid group in the batch)."""
@@ -373,8 +388,10 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
     def load_pretrained(self, path: str | None = None) -> None:
         """Load the UNet, VAE, scheduler and (when configured) text encoder and tokenizer from a local diffusers folder.
 
-        The architecture built from the config must match the folder's weights (loaded strictly). With
-        ``null_prompt="learned"`` the learned null prompt starts from the text encoder's empty-prompt embedding.
+        The architecture built from the config must match the folder's weights (loaded strictly). A pixel-space
+        decoder (``vae_type: pixel``) has no VAE to load; with ``text_tokenizer: llm`` the tokenizer is the LLM's,
+        set before this call. With ``null_prompt="learned"`` the learned null prompt starts from the text encoder's
+        empty-prompt embedding.
 
         Args:
             path: the folder (subfolders ``unet``, ``vae``, ``scheduler``, ``text_encoder``, ``tokenizer``);
@@ -388,6 +405,20 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
         if not root.is_dir():
             raise FileNotFoundError(f"{field}: diffusers folder {root} does not exist")
         load_weights(self.sd_unet, UNet2DConditionModel, root, "unet", field)
+        if self.config.vae_type != "pixel":
+            self._load_vae(root, field)
+        self.scheduler_config = load_scheduler_config(root, field)
+        self.sd_noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        if self.sd_text_encoder is not None:
+            load_weights(self.sd_text_encoder, CLIPTextModel, root, "text_encoder", field)
+            if self.config.text_tokenizer == "clip":
+                self.set_tokenizer(load_tokenizer(root, field))
+            if self.config.null_prompt == "learned" and self.sd_tokenizer is not None:
+                with torch.no_grad():
+                    self.null_prompt_embeds.copy_(self.caption_prompts([""]))
+        logger.info("%s: loaded pretrained diffusion weights from %s", self.name, root)
+
+    def _load_vae(self, root: Path, field: str) -> None:
         load_weights(self.sd_vae, AutoencoderKL, root, "vae", field)
         loaded_scaling = AutoencoderKL.load_config(root, subfolder="vae", local_files_only=True)["scaling_factor"]
         if loaded_scaling != self.sd_vae.config.scaling_factor:
@@ -395,14 +426,16 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
                 f"{root / 'vae'}: scaling_factor {loaded_scaling} differs from {self.name}.vae_scaling_factor "
                 f"{self.sd_vae.config.scaling_factor}"
             )
-        self.scheduler_config = load_scheduler_config(root, field)
-        self.sd_noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the UNet, VAE (none in pixel space), scheduler, text encoder and CLIP tokenizer as the local diffusers
+        folder :meth:`load_pretrained` reads (safetensors)."""
+        root = Path(path)
+        self.sd_unet.save_pretrained(root / "unet")
+        if self.config.vae_type != "pixel":
+            self.sd_vae.save_pretrained(root / "vae")
+        self.sd_noise_scheduler.save_pretrained(root / "scheduler")
         if self.sd_text_encoder is not None:
-            load_weights(self.sd_text_encoder, CLIPTextModel, root, "text_encoder", field)
-            self.set_tokenizer(load_tokenizer(root, field))
-            if self.config.null_prompt == "learned":
-                with torch.no_grad():
-                    self.null_prompt_embeds.copy_(
-                        encode_text(self.sd_text_encoder, self.sd_tokenizer, [""], self.config.num_prompt_tokens)
-                    )
-        logger.info("%s: loaded pretrained diffusion weights from %s", self.name, root)
+            self.sd_text_encoder.save_pretrained(root / "text_encoder")
+            if self.config.text_tokenizer == "clip" and self.sd_tokenizer is not None:
+                self.sd_tokenizer.save_pretrained(root / "tokenizer")

@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "demo": "a local web page (gradio) to chat with a model about an image and see its boxes, masks and images",
     "serve": "an OpenAI-compatible HTTP server (chat completions, images) with dynamic batching",
     "tower": "stage 0: pretrain an open_clip vision tower by patch-phrase contrast; linear-probe a tower's features",
+    "decoder": "stage 0: pretrain a diffusion decoder (sd, ip2p) on caption embeddings; writes a diffusers folder",
     "data": "make datasets: `data shapes` writes the synthetic shapes world in every task's format",
     "convert": "convert released VisionLLM v2 weights (`convert official SRC DST`) into a vllm2 model folder",
     "export": "write a model folder anew; --merge-lora folds the LoRA adapters into the LLM (a plain folder)",
