@@ -419,6 +419,7 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
         logger.info("%s: loaded pretrained diffusion weights from %s", self.name, root)
 
     def _load_vae(self, root: Path, field: str) -> None:
+        """Load ``root/vae`` strictly; its scaling factor must be the config's."""
         load_weights(self.sd_vae, AutoencoderKL, root, "vae", field)
         loaded_scaling = AutoencoderKL.load_config(root, subfolder="vae", local_files_only=True)["scaling_factor"]
         if loaded_scaling != self.sd_vae.config.scaling_factor:
