@@ -28,6 +28,7 @@ from decoders.diffusion import LatentDiffusionDecoder
 from .config import VLLM2Config
 from .data import build_mixture
 from .data.mixture import READERS
+from .modeling import load_decoder_weights
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,7 @@ def _build(cfg: VLLM2Config, name: str) -> LatentDiffusionDecoder:
     if not isinstance(decoder, LatentDiffusionDecoder) or decoder.sd_text_encoder is None:
         raise ValueError(f"config key decoders.{name}: stage 0 trains a diffusion decoder with a text encoder "
                          "(use_text_encoder: true)")
-    if config.text_tokenizer == "llm":
-        decoder.set_tokenizer(load_tokenizer(*cfg.tokenizer_source(), routes=cfg.route_table()))
-    if config.pretrained_path:
-        decoder.load_pretrained(config.pretrained_path)
+    load_decoder_weights(decoder, config, lambda: load_tokenizer(*cfg.tokenizer_source(), routes=cfg.route_table()))
     return decoder
 
 
@@ -89,7 +87,7 @@ def pretrain_diffusion(cfg: VLLM2Config, name: str, out: str | Path, steps: int,
     decoder.requires_grad_(False)
     decoder.sd_unet.requires_grad_(True)
     if decoder.config.null_prompt == "learned":
-        decoder.null_prompt_embeds.data.copy_(decoder.caption_prompts([""]))  # the empty caption, as in IP2P
+        decoder.reset_null_prompt()
     params = [p for p in decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, round(0.05 * steps), steps)

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from .vision import VisionTower
 logger = logging.getLogger(__name__)
 
 __all__ = ["VisionLLMv2Config", "VisionLLMv2Model", "VisionLLMv2Output", "build_model", "check_model_folder",
-           "llm_config", "model_config", "model_token_names", "onto_keys", "unwrapped_key"]
+           "llm_config", "load_decoder_weights", "model_config", "model_token_names", "onto_keys", "unwrapped_key"]
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -306,14 +306,14 @@ class VisionLLMv2Model(PreTrainedModel):
         if cfg.llm.pretrained:
             self._load_pretrained_llm(cfg.llm.pretrained)
         tokenizer = None
+
+        def llm_tokenizer() -> Any:
+            nonlocal tokenizer
+            tokenizer = tokenizer or load_tokenizer(*cfg.tokenizer_source(), routes=self.routes)
+            return tokenizer
+
         for name in self.decoder_names:
-            decoder = getattr(self, name)
-            if getattr(cfg.decoders[name], "text_tokenizer", None) == "llm":
-                tokenizer = tokenizer or load_tokenizer(*cfg.tokenizer_source(), routes=self.routes)
-                decoder.set_tokenizer(tokenizer)
-            path = getattr(cfg.decoders[name], "pretrained_path", None)
-            if path:
-                decoder.load_pretrained(path)
+            load_decoder_weights(getattr(self, name), cfg.decoders[name], llm_tokenizer)
 
     def _load_pretrained_llm(self, folder: str) -> None:
         """Copy a causal-LM folder's weights into the LLM. The rows of the tokens added to the tokenizer start at the
@@ -457,6 +457,15 @@ def model_config(cfg: VLLM2Config) -> VisionLLMv2Config:
     token_ids = {name: tokenizer.convert_tokens_to_ids(name) for name in model_token_names(routes)}
     llm_cfg.vocab_size = len(tokenizer)
     return VisionLLMv2Config(vllm2=config_to_dict(cfg), llm_config=llm_cfg.to_dict(), token_ids=token_ids)
+
+
+def load_decoder_weights(decoder: nn.Module, config: Any, llm_tokenizer: Callable[[], Any]) -> None:
+    """A decoder's local components: the LLM's tokenizer (``llm_tokenizer()``) for a text encoder that reads it
+    (``text_tokenizer: llm``), set first, then the folder of ``pretrained_path``, if any."""
+    if getattr(config, "text_tokenizer", None) == "llm":
+        decoder.set_tokenizer(llm_tokenizer())
+    if getattr(config, "pretrained_path", None):
+        decoder.load_pretrained(config.pretrained_path)
 
 
 def build_model(cfg: VLLM2Config) -> VisionLLMv2Model:

@@ -186,6 +186,12 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
                 )  # [1, T, C]
         return self.empty_prompt_embeds.to(self.llm2sd_mapper_queries.dtype).expand(n, -1, -1)  # [n, T, C]
 
+    @torch.no_grad()
+    def reset_null_prompt(self) -> None:
+        """Set the learned null prompt to the text encoder's embedding of the empty caption, the unconditional
+        prompt a pretrained UNet was trained with (as InstructPix2Pix's)."""
+        self.null_prompt_embeds.copy_(self.caption_prompts([""]))
+
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         """Set the text encoder's tokenizer (CLIP's, or with ``text_tokenizer="llm"`` the LLM's) used for the
         alignment loss and the empty-prompt embedding."""
@@ -414,8 +420,7 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
             if self.config.text_tokenizer == "clip":
                 self.set_tokenizer(load_tokenizer(root, field))
             if self.config.null_prompt == "learned" and self.sd_tokenizer is not None:
-                with torch.no_grad():
-                    self.null_prompt_embeds.copy_(self.caption_prompts([""]))
+                self.reset_null_prompt()
         logger.info("%s: loaded pretrained diffusion weights from %s", self.name, root)
 
     def _load_vae(self, root: Path, field: str) -> None:
