@@ -137,8 +137,9 @@ def test_det_dispatch_equals_coco_eval(tmp_path, routed):
     assert got["num_samples"] == 3
     if routed:
         assert got["routing_accuracy"] == pytest.approx(2 / 3)
+        assert got["misrouted"] == {"count": 1, "first": [f"{dataset[1].source}: routes [GRD], expected [DET]: ''"]}
     else:
-        assert "routing_accuracy" not in got
+        assert "routing_accuracy" not in got and "misrouted" not in got
 
 
 def test_seg_dispatch_reports_bbox_and_segm(tmp_path):
@@ -790,6 +791,6 @@ def test_cli_sharded_equals_single_on_a_model_that_routes(tmp_path, name, mode):
     assert proc.returncode == 0, proc.stderr[-4000:]
     sharded = json.loads((tmp_path / "sharded.json").read_text())
     assert sharded["run"]["nproc"] == 2 and single["run"]["nproc"] == 1
-    keys = ("metrics", "num_samples", "routing_accuracy", "decoder_errors", "unconfigured_routes")
+    keys = ("metrics", "num_samples", "routing_accuracy", "misrouted", "decoder_errors", "unconfigured_routes")
     assert {k: sharded.get(k) for k in keys} == {k: single.get(k) for k in keys}
     assert sharded["model"]["weights_sha256"] == single["model"]["weights_sha256"]

@@ -3,7 +3,8 @@ processes and merge, summarise into metrics; weight hashing for the result file.
 
 Routed mode (the default) shows the model the question only; it must write the routes itself (``model.chat``). A
 sample whose emitted route tokens are not exactly the task's (a text task: none) is a miss, and the share of
-correctly routed samples is reported as ``routing_accuracy``. Teacher-forced mode feeds the gold answer with its
+correctly routed samples is reported as ``routing_accuracy``; the misses are counted in ``misrouted``, each first
+message naming the sample and the routes it took instead. Teacher-forced mode feeds the gold answer with its
 routes in one forward pass and runs each decoder's ``predict`` on the gathered query groups.
 
 Failures show: a decoder that raised and a route to a decoder the model does not have are scored as misses and
@@ -42,12 +43,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FAILURES", "MODES", "Predictor", "Record", "check_samples", "evaluate", "evaluate_sharded",
+__all__ = ["FAILURES", "MISROUTED", "MODES", "Predictor", "Record", "check_samples", "evaluate", "evaluate_sharded",
            "folder_weights_sha256", "from_chat", "merge_records", "predict_records", "routed_predictor",
            "routes_in_text", "shard", "state_dict_sha256", "summarize", "teacher_forced_predictor"]
 
 MODES = ("routed", "teacher-forced")
 FAILURES = ("decoder_errors", "unconfigured_routes")  # summary keys of the counted decoder failures
+MISROUTED = "misrouted"  # summary key (routed mode) of the samples whose routes were not the task's
+MISROUTED_TEXT = 160  # characters of the answer a misrouted message quotes
 FIRST_MESSAGES = 5  # messages kept per failure kind in a summary
 Predictor = Callable[[list[TaskSample]], list[SamplePrediction]]
 # (item index, routed correctly, the task's score record, (failure kind, message) of each failed decoder output)
@@ -156,8 +159,14 @@ def check_samples(dataset: TaskDataset, indices: Sequence[int]) -> None:
         dataset[i]
 
 
-def _routed_ok(pred: SamplePrediction, expected: Sequence[str]) -> bool:
-    return set(pred.routes) == set(expected)
+def _misrouted(pred: SamplePrediction, expected: Sequence[str], source: str) -> list[tuple[str, str]]:
+    """``[(MISROUTED, message)]`` when the routes ``pred`` took are not ``expected``, else ``[]``; the message names the
+    sample, both route lists and the start of the answer."""
+    if set(pred.routes) == set(expected):
+        return []
+    took, wanted = (" ".join(routes) or "(none)" for routes in (pred.routes, expected))
+    text = pred.text if len(pred.text) <= MISROUTED_TEXT else pred.text[:MISROUTED_TEXT] + "..."
+    return [(MISROUTED, f"{source}: routes {took}, expected {wanted}: {text!r}")]
 
 
 def _failures(pred: SamplePrediction, source: str) -> list[tuple[str, str]]:
@@ -200,9 +209,9 @@ def predict_records(
             if len(preds) != len(samples):
                 raise RuntimeError(f"the predictor returned {len(preds)} predictions for {len(samples)} samples")
             for i, sample, pred in zip(chunk, samples, preds):
-                ok = mode == "teacher-forced" or _routed_ok(pred, expected)
-                score = task.score(dataset, i, sample, pred if ok else None)
-                records.append((i, ok, score, _failures(pred, sample.source)))
+                misrouted = _misrouted(pred, expected, sample.source) if mode == "routed" else []
+                score = task.score(dataset, i, sample, None if misrouted else pred)
+                records.append((i, not misrouted, score, misrouted + _failures(pred, sample.source)))
             bar.update(len(chunk))
     return records
 
@@ -218,12 +227,15 @@ def merge_records(parts: Sequence[Sequence[Record]]) -> list[Record]:
 
 def summarize(task: BenchTask, dataset: TaskDataset, records: Sequence[Record], mode: str) -> dict[str, Any]:
     """Metrics of a run: the task's aggregate, the sample count, (routed) the routing accuracy, and per kind of
-    :data:`FAILURES` the count and the first messages (logged as a warning when not zero)."""
+    :data:`FAILURES` (routed: and :data:`MISROUTED`) the count and the first messages (logged as a warning when not
+    zero)."""
     summary: dict[str, Any] = {"metrics": task.aggregate(dataset, [r[2] for r in records]),
                                "num_samples": len(records)}
+    kinds = FAILURES
     if mode == "routed":
         summary["routing_accuracy"] = sum(r[1] for r in records) / len(records) if records else 0.0
-    for kind in FAILURES:
+        kinds = (MISROUTED, *FAILURES)
+    for kind in kinds:
         messages = [message for r in records for k, message in r[3] if k == kind]
         summary[kind] = {"count": len(messages), "first": messages[:FIRST_MESSAGES]}
         if messages:

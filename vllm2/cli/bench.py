@@ -20,7 +20,8 @@ aAcc (pixel accuracy), mAcc, per-class IoU and accuracy, and the counts of missi
 ``--reduce-zero-label`` ignores pixels labelled 0 and leaves class 0 out (ADE20K's protocol).
 
 Modes: ``routed`` (default) asks the question only and lets the model choose its routes (a wrong or missing route is a
-miss; the routing accuracy is reported); ``teacher-forced`` feeds the gold answer with its routes in one forward pass
+miss; the routing accuracy is reported, and the misses are counted in ``misrouted`` with the routes the first ones
+took); ``teacher-forced`` feeds the gold answer with its routes in one forward pass
 (the official evaluation protocol of the decoder tasks).
 
 Failures show in every task's result: a decoder that raised, and a route the model wrote to a decoder it does not
