@@ -194,6 +194,20 @@ class _DecodeState:
     steps_valid: list[torch.Tensor]  # per step, [B, W] bool: real positions
 
 
+def _step_mask(llm: nn.Module, mask: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask ``[b, 1, W, S]`` of a decoding step (eager and sdpa attention): each of the step's
+    ``W`` new positions sees the cache's real positions up to itself. Given prepared, the LLM skips its own mask
+    building (a tenth of a batched decode step); other attention kinds get the 2D ``mask`` ``[b, S]``."""
+    if llm.config._attn_implementation not in ("eager", "sdpa"):
+        return mask.long()
+    total = mask.shape[1]
+    keys = torch.arange(total, device=mask.device)  # [S]
+    causal = keys[None] <= torch.arange(total - width, total, device=mask.device)[:, None]  # [W, S]
+    allowed = mask[:, None, :] & causal[None]  # [b, W, S]
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]  # [b, 1, W, S]
+
+
 def _prefill(llm: nn.Module, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> _DecodeState:
     """Run the prompt through the LLM into a fresh cache and start the decode state."""
     batch, device = inputs_embeds.shape[0], inputs_embeds.device
@@ -276,7 +290,7 @@ def _feed(
         state.mask = torch.cat([state.mask, step.mask], dim=1)  # [b, S]
         out = llm(
             inputs_embeds=step.embeds.to(dtype),
-            attention_mask=state.mask.long(),
+            attention_mask=_step_mask(llm, state.mask, step.mask.shape[1], dtype),
             position_ids=step.position_ids,
             cache=state.cache,
             use_cache=True,
