@@ -128,6 +128,31 @@ def test_init_from_a_stage_without_decoders_keeps_the_new_decoders_and_takes_the
     assert not torch.equal(state["vl_bridge.0.weight"], before["vl_bridge.0.weight"])
 
 
+def test_init_from_an_export_with_fewer_tokens_grows_the_vocabulary(tmp_path):
+    """A text-transmission stage after a super-link stage: its tokenizer adds location and class tokens after the
+    export's; the export's rows of the embedding and head are taken, the added rows keep their initial values."""
+    import torch
+
+    from vllm2 import build_model, load_config
+    from vllm2.training import init_from_export
+
+    torch.manual_seed(0)
+    build_model(load_config("tiny")).save_pretrained(tmp_path / "stage1")
+    torch.manual_seed(1)
+    model = build_model(load_config("tiny", ["superlink.transmission=text", "superlink.location_bins=9",
+                                             "superlink.class_tokens=4"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    init_from_export(model, tmp_path / "stage1")
+    torch.manual_seed(0)
+    stage1 = build_model(load_config("tiny")).state_dict()
+    state = model.state_dict()
+    for table in ("llm.model.embed_tokens.weight", "llm.lm_head.weight"):
+        rows = stage1[table].shape[0]
+        assert state[table].shape[0] == rows + 9 + 4
+        assert torch.equal(state[table][:rows], stage1[table]) and torch.equal(state[table][rows:], before[table][rows:])
+    assert torch.equal(state["vl_bridge.0.weight"], stage1["vl_bridge.0.weight"])
+
+
 def test_init_from_refuses_another_architecture_and_a_missing_folder(tmp_path):
     from vllm2 import build_model, load_config
     from vllm2.training import init_from_export

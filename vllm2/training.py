@@ -55,7 +55,9 @@ def init_from_export(model: nn.Module, folder: str | Path) -> list[str]:
 
     Every tensor of the export must exist in ``model`` with the same shape (the LLM's plain and LoRA-wrapped names
     stand for each other); tensors it lacks (the modules this stage adds, such as decoders after a stage without
-    them, or fresh LoRA adapters) keep their values.
+    them, or fresh LoRA adapters) keep their values. A tokenizer that adds tokens after the export's keeps its
+    special tokens where they were: the export's rows of the LLM's embedding and head are copied and the added
+    tokens' rows keep their initial values.
 
     Returns:
         The top-level modules of ``model`` the export did not have.
@@ -67,13 +69,13 @@ def init_from_export(model: nn.Module, folder: str | Path) -> list[str]:
                                 "(no config.json)")
     exported = VisionLLMv2Model.from_pretrained(folder)
     ids, theirs = model.config.token_ids, exported.config.token_ids
-    if ids != theirs:
-        wrong = ", ".join(f"{t} is {i} there, {ids.get(t)} here" for t, i in theirs.items() if ids.get(t) != i)
+    wrong = ", ".join(f"{t} is {i} there, {ids.get(t)} here" for t, i in theirs.items() if ids.get(t) != i)
+    if wrong:
         raise ValueError(f"config key training.init_from: the special-token ids of {str(folder)!r} differ from this "
                          f"config's tokenizer ({wrong}); use the tokenizer it was trained with "
                          f"(llm.tokenizer={folder})")
     own = model.state_dict()
-    previous = onto_keys(exported.state_dict(), own)  # plain <-> LoRA-wrapped LLM
+    previous = _grow_vocabulary(model, onto_keys(exported.state_dict(), own), own)  # plain <-> LoRA-wrapped LLM
     alien = [k for k, v in previous.items() if k not in own or own[k].shape != v.shape]
     if alien:
         hint = (" (LoRA adapters: set llm.lora as the export had it, or merge them first with `vllm2 export "
@@ -84,6 +86,21 @@ def init_from_export(model: nn.Module, folder: str | Path) -> list[str]:
     added = sorted({k.split(".")[0] for k in own if k not in previous})
     logger.info("initialised from %s; modules it did not have: %s", folder, added)
     return added
+
+
+def _grow_vocabulary(model: nn.Module, previous: dict[str, torch.Tensor],
+                     own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``previous`` with the LLM's embedding and head ``[V', C]`` of an export with fewer tokens grown to this model's
+    ``[V, C]``: the export's rows first, then this model's rows of the added tokens."""
+    llm = model.llm
+    tables = {m.weight.data_ptr() for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}
+    grown = dict(previous)
+    for key, value in previous.items():
+        mine = own.get(key)
+        if (mine is not None and mine.data_ptr() in tables and mine.shape[0] > value.shape[0]
+                and mine.shape[1:] == value.shape[1:]):
+            grown[key] = torch.cat([value, mine[value.shape[0]:]])  # [V, C]
+    return grown
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, multipliers: dict[str, float]) -> list[dict]:
