@@ -63,10 +63,10 @@ def build_requests(n: int, with_diffusion: bool) -> list[dict[str, Any]]:
     return requests
 
 
-def start_server(model: str, port: int, max_batch: int, wait_ms: float) -> subprocess.Popen:
+def start_server(model: str, port: int, max_batch: int, wait_ms: float, replicas: int = 1) -> subprocess.Popen:
     """``vllm2 serve`` in a subprocess; returns once ``/health`` answers."""
     command = [sys.executable, "-m", "vllm2.cli", "serve", "--model", model, "--port", str(port), "--model-name",
-               "bench", "--max-batch", str(max_batch), "--batch-wait-ms", str(wait_ms)]
+               "bench", "--max-batch", str(max_batch), "--batch-wait-ms", str(wait_ms), "--replicas", str(replicas)]
     server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--replicas", type=int, default=1, help="model processes of the server (vllm2 serve "
+                        "--replicas); one answers the one-at-a-time requests")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (one at a time, concurrent); the median "
                         "round of each mode is reported")
     parser.add_argument("--with-diffusion", action="store_true", help="add the draw and edit prompts")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = start_server(args.model, port, args.max_batch, args.batch_wait_ms)
+    server = start_server(args.model, port, args.max_batch, args.batch_wait_ms, args.replicas)
     try:
         limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
+        "replicas": args.replicas,
         "model": args.model,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "server_exit_code": exit_code,

@@ -186,7 +186,7 @@ def test_text_answer_equals_direct_chat(client, model, tiny_processor, gate):
 def test_models_and_health(client, served):
     assert [m.id for m in client.models.list().data] == [NAME]
     health = httpx.get(f"{served.url}/health").json()
-    assert health["status"] == "ok" and health["model"] == NAME
+    assert health["status"] == "ok" and health["model"] == NAME and len(health["batches"]) == 1
 
 
 def _rle_masks(rles: list[dict[str, Any]]) -> np.ndarray:
@@ -542,3 +542,62 @@ def _up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_replicas_answer_batches_side_by_side_with_the_same_answers(model, tiny_processor, tmp_path):
+    """``vllm2 serve --replicas 2``: two model processes answer concurrent requests, each batch on one of them (both
+    used), every answer (text and boxes, logit_bias included) equal to direct ``chat`` on the model."""
+    model.save_pretrained(tmp_path / "model")
+    tiny_processor.save_pretrained(tmp_path / "model")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "vllm2.cli", "serve", "--model", str(tmp_path / "model"), "--port", str(port),
+               "--model-name", NAME, "--replicas", "2", "--max-batch", "4", "--max-tokens-cap", str(CAP)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    kinds = _kinds(tiny_processor)
+    expected = [direct(model, tiny_processor, k["image"], ("<image>\n" if k["image"] else "") + k["prompt"],
+                       k["max_tokens"], k["bias"]) for k in kinds]
+    try:
+        _wait_until(lambda: _up(url) or process.poll() is not None, timeout=180)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        order = [i % len(kinds) for i in range(32)]
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda i: _ask(client, kinds[i]), order))
+        for i, reply in zip(order, replies):
+            assert reply.choices[0].message.content == expected[i].text
+            outputs = reply.choices[0].model_extra[EXT]
+            assert [o["route"] for o in outputs] == [o.route for o in expected[i].outputs]
+            for got, ref in zip(outputs, expected[i].outputs):
+                assert_same_boxes(got, ref.result)
+        batches = httpx.get(f"{url}/health").json()["batches"]
+        assert len(batches) == 2 and min(batches) > 0 and sum(batches) >= 32 / 4
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+
+
+def test_a_replica_reports_a_failing_call_and_answers_the_next(model, tiny_processor, tmp_path):
+    """A call that raises inside a replica raises ReplicaError with the replica's message; the replica answers the
+    next call; a stopped replica is one clear error."""
+    import argparse
+    from functools import partial
+
+    from vllm2.cli.serve import _load_replica
+    from vllm2.serve.replicas import Replica, ReplicaError
+
+    model.save_pretrained(tmp_path / "model")
+    tiny_processor.save_pretrained(tmp_path / "model")
+    args = argparse.Namespace(model=str(tmp_path / "model"), config=None, overrides=[], seed=0)
+    replica = Replica(partial(_load_replica, args))
+    try:
+        with pytest.raises(ReplicaError, match="ValueError: 2 prompts but 1 image entries"):
+            replica(images=[None], prompts=["a", "b"])
+        (result,) = replica(images=[None], prompts=["Hello"], max_new_tokens=4)
+        assert result.text == direct(model, tiny_processor, None, "Hello", 4).text
+    finally:
+        replica.close()
+    with pytest.raises(ReplicaError, match="is gone"):
+        replica(images=[None], prompts=["Hello"])

@@ -5,7 +5,9 @@ POST /v1/images/edits, GET /v1/models, GET /health. Route outputs (boxes, COCO R
 images, per-output errors) travel in each choice's "vllm2_outputs" field; see the vllm2.serve module docstring.
 
 Requests that arrive within --batch-wait-ms of each other are answered by one batched generation (up to
---max-batch); greedy answers equal those of the same requests sent one at a time. The server listens on
+--max-batch); greedy answers equal those of the same requests sent one at a time. --replicas N loads the model
+in N worker processes that answer N batches at once (one core or GPU each: the benchmark's 2-core machine serves
+16 clients best with --replicas 2 --max-batch 8). The server listens on
 127.0.0.1 unless --host says otherwise. SIGTERM (or Ctrl-C) stops accepting, answers the requests in flight, exits.
 
 Example:
@@ -21,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 from .common import add_model_args, load_model, setup_logging
@@ -53,24 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest request body in bytes (default: %(default)s)")
     parser.add_argument("--max-images", type=int, default=1,
                         help="images per conversation (default: %(default)s; the decoders see the first)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="model copies, each in its own process answering one batch at a time (default: "
+                        "%(default)s, in the server's process)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def _load_replica(args: argparse.Namespace) -> tuple:
+    """The model and processor of a replica process (module-level: it pickles)."""
+    model, processor, _ = load_model(args)
+    return model, processor
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from ..serve import ServeOptions, create_app
+    from ..serve.replicas import Replica, ReplicaError
 
     try:
         options = ServeOptions(
             model_name=args.model_name or Path(args.model or args.config).stem, api_key=args.api_key,
             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, allow_paths=tuple(args.allow_path),
             max_tokens_cap=args.max_tokens_cap, max_request_bytes=args.max_request_bytes, max_images=args.max_images)
+        if args.replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
         model, processor, _ = load_model(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+        replicas = [Replica(partial(_load_replica, args)) for _ in range(args.replicas)] if args.replicas > 1 else []
+        for replica in replicas:
+            replica.wait_ready()
+    except (ValueError, FileNotFoundError, KeyError, ReplicaError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if replicas:
+        model = None  # the replicas answer
     if args.host not in LOOPBACK:
         logger.warning("listening on %s: anyone who can reach this address can use the model%s", args.host,
                        "" if args.api_key else " (no --api-key)")
@@ -80,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"serving {options.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(create_app(model, processor, options), host=args.host, port=args.port,
+        uvicorn.run(create_app(model, processor, options, replicas), host=args.host, port=args.port,
                     log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=None)
     except KeyboardInterrupt:  # Ctrl-C, raised again after the same graceful shutdown
         pass

@@ -9,7 +9,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 
 from .. import __version__
 from ..chat import ChatResult
-from .batcher import Batcher, Job
+from .batcher import Batcher, Job, Runner
 from .errors import ApiError
 from .http import BodyLimit, install_error_handlers, parse, read_json, require_key
 from .inputs import Rules, chat_job, decode_upload, image_job
@@ -56,7 +56,8 @@ class Handlers:
         self.created = int(time.time())
 
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.rules.model_name, "pending": self.batcher.pending}
+        return {"status": "ok", "model": self.rules.model_name, "pending": self.batcher.pending,
+                "batches": self.batcher.runner_batches}
 
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.rules.model_name, "object": "model", "created": self.created,
@@ -166,19 +167,21 @@ class Handlers:
                              "data": [{"b64_json": png_base64(output.result), "revised_prompt": job.prompt}]})
 
 
-def create_app(model: VisionLLMv2Model, processor: VisionLLMv2Processor,
-               options: ServeOptions | None = None) -> FastAPI:
+def create_app(model: VisionLLMv2Model | None, processor: VisionLLMv2Processor,
+               options: ServeOptions | None = None, replicas: Sequence[Runner] = ()) -> FastAPI:
     """The server's app; its lifespan starts the batching worker and, at shutdown, answers what is queued.
 
     Args:
-        model: the model (in eval mode); only the worker thread uses it.
+        model: the model (in eval mode); only the worker thread uses it. None with ``replicas``.
         processor: its processor.
         options: the server settings (defaults: :class:`ServeOptions`).
+        replicas: model replicas in other processes (:class:`.replicas.Replica`) that answer instead of ``model``.
     Returns:
         A FastAPI app for uvicorn. ``app.state.batcher`` is the worker.
     """
     options = options or ServeOptions()
-    batcher = Batcher(model, processor, options.max_batch, options.batch_wait_ms / 1000, options.gen_kwargs)
+    batcher = Batcher(model, processor, options.max_batch, options.batch_wait_ms / 1000, options.gen_kwargs,
+                      replicas)
     handlers = Handlers(batcher, Rules.of(processor, options))
 
     @asynccontextmanager

@@ -1,5 +1,6 @@
-"""Dynamic batching: one worker thread owns the model and answers the requests that arrive close together in ONE
-batched :func:`vllm2.chat.chat` call.
+"""Dynamic batching: a worker thread answers the requests that arrive close together in ONE batched
+:func:`vllm2.chat.chat` call; with replicas (:mod:`.replicas`), one worker thread per replica, each forming its next
+batch while the others compute.
 
 The worker takes the oldest waiting job, then gathers more while they keep coming: a batch closes when ``wait_s``
 passes without a new job, or at ``max_batch`` jobs (so a burst of requests that trickles in is not split, and a lone
@@ -20,7 +21,8 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -82,28 +84,38 @@ class LogitBias:
         return scores.index_put(index, self.values.to(scores), accumulate=True)  # [B, V]
 
 
+Runner = Callable[..., "list[ChatResult]"]  # the keyword arguments of ``chat`` after model and processor -> answers
+
+
 class Batcher:
-    """The worker thread and its queue.
+    """The worker threads and their queue.
 
     Args:
-        model: the model (used by the worker thread only).
+        model: the model (used by the worker thread only); None with ``replicas``.
         processor: its processor.
         max_batch: most jobs in one ``chat`` call.
         wait_s: a batch closes when this long passes without a new job.
         gen_kwargs: further ``chat`` options for every call (``logits_processor``, ``decoder_options``).
+        replicas: runners that answer a batch elsewhere (:class:`.replicas.Replica`), one worker thread each; closed
+            with the batcher. Default: the model, in this process.
     """
 
-    def __init__(self, model: VisionLLMv2Model, processor: VisionLLMv2Processor, max_batch: int = 16,
-                 wait_s: float = 0.01, gen_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: VisionLLMv2Model | None, processor: VisionLLMv2Processor, max_batch: int = 16,
+                 wait_s: float = 0.01, gen_kwargs: dict[str, Any] | None = None,
+                 replicas: Sequence[Runner] = ()) -> None:
         if max_batch < 1 or wait_s < 0:
             raise ValueError(f"max_batch must be >= 1 and wait_s >= 0, got {max_batch} and {wait_s}")
-        self.model, self.processor = model, processor
+        if model is None and not replicas:
+            raise ValueError("a batcher needs the model or its replicas")
+        self.runners: list[Runner] = list(replicas) or [partial(chat, model, processor)]
         self.max_batch, self.wait_s = max_batch, wait_s
         self.gen_kwargs = dict(gen_kwargs or {})
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # the sizes of the latest chat calls
+        self.runner_batches = [0] * len(self.runners)  # chat calls answered by each runner
         self.skipped = 0  # jobs whose client left before their batch started
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="vllm2-batcher", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"vllm2-batcher-{i}", daemon=True)
+                         for i in range(len(self.runners))]
         self._closed = False
         self._arriving = 0  # requests being read that will submit a job
         self._lock = threading.Lock()
@@ -118,7 +130,8 @@ class Batcher:
         return [item for item in list(self._queue.queue) if isinstance(item, Job)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @contextmanager
     def arriving(self) -> Iterator[None]:
@@ -140,21 +153,25 @@ class Batcher:
         return job.future
 
     def close(self) -> None:
-        """Refuse new jobs, answer every queued one, then stop the worker."""
+        """Refuse new jobs, answer every queued one, then stop the workers (and the replicas)."""
         with self._lock:
             self._closed = True
-            self._queue.put(_STOP)
-        if self._thread.is_alive():
-            self._thread.join()
+            for _ in self._threads:
+                self._queue.put(_STOP)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join()
+        for runner in self.runners:
+            getattr(runner, "close", lambda: None)()
 
-    def _loop(self) -> None:
+    def _loop(self, index: int) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
             jobs, stop = self._collect(item)
             if jobs:
-                self._run(jobs)
+                self._run(jobs, index)
             if stop:
                 return
 
@@ -186,37 +203,39 @@ class Batcher:
                 if self._arriving == 0 or time.monotonic() >= hold_until:
                     return None
 
-    def _run(self, jobs: list[Job]) -> None:
-        """Answer the jobs, one ``chat`` call per group of equal settings."""
+    def _run(self, jobs: list[Job], runner: int) -> None:
+        """Answer the jobs with runner number ``runner``, one ``chat`` call per group of equal settings."""
         groups: dict[tuple[float, float], list[Job]] = {}
         for job in jobs:
             groups.setdefault(job.settings, []).append(job)
         for group in groups.values():
             try:
-                results = self._chat(group)
+                results = self._chat(group, runner)
             except Exception as err:
                 if len(group) == 1:
                     group[0].future.set_exception(err)
                     continue
                 logger.warning("a batch of %d failed (%s): answering its requests one at a time", len(group), err)
                 for job in group:
-                    self._run([job])
+                    self._run([job], runner)
                 continue
             for job, result in zip(group, results):
                 job.future.set_result(result)
 
-    def _chat(self, jobs: list[Job]) -> list[ChatResult]:
+    def _chat(self, jobs: list[Job], runner: int) -> list[ChatResult]:
         """One batched ``chat`` call for jobs with the same settings."""
         self.batch_sizes.append(len(jobs))
+        self.runner_batches[runner] += 1
         kwargs = dict(self.gen_kwargs)
         processor = kwargs.pop("logits_processor", None)
         if any(job.logit_bias for job in jobs):
             processor = LogitBias([job.logit_bias for job in jobs], processor)
         temperature, top_p = jobs[0].settings
         start = time.perf_counter()
-        results = chat(self.model, self.processor, [job.images or None for job in jobs], [job.prompt for job in jobs],
-                    history=[job.history for job in jobs], max_new_tokens=[job.max_tokens for job in jobs],
-                    do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
-                    logits_processor=processor, **kwargs)
+        answer = self.runners[runner]
+        results = answer(images=[job.images or None for job in jobs], prompts=[job.prompt for job in jobs],
+                         history=[job.history for job in jobs], max_new_tokens=[job.max_tokens for job in jobs],
+                         do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
+                         logits_processor=processor, **kwargs)
         logger.info("answered a batch of %d in %.3f s", len(jobs), time.perf_counter() - start)
         return results
