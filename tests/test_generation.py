@@ -107,6 +107,29 @@ def test_without_routes_matches_transformers_generate() -> None:
     assert ours.lengths.tolist() == [MAX_NEW] * len(PROMPTS)
 
 
+def test_sliding_window_layers_keep_their_window() -> None:
+    """A model whose layers attend within a window (Mistral's ``sliding_window``) decodes as transformers does, hidden
+    states included: a decode step gets no prepared full-attention mask that would drop the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, pad_token_id=PAD,
+                           attn_implementation="sdpa")
+    llm = MistralForCausalLM(config).eval()
+    embeds, mask = left_padded(llm, PROMPTS)
+    no_special = Forced([{}] * len(PROMPTS))
+    ours = generate(llm, embeds, mask, BOUND, torch.zeros(BOUND.total_queries, 32), llm.get_input_embeddings(),
+                    max_new_tokens=MAX_NEW, logits_processor=no_special)
+    with torch.no_grad():
+        reference = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False,
+                                 logits_processor=LogitsProcessorList([no_special]), eos_token_id=None,
+                                 pad_token_id=PAD, output_hidden_states=True, return_dict_in_generate=True)
+    assert ours.sequences.tolist() == reference.sequences[:, -MAX_NEW:].tolist()
+    fed = torch.cat([step[-1][:, -1:] for step in reference.hidden_states[1:]], 1)  # [B, MAX_NEW - 1, C]
+    torch.testing.assert_close(ours.hidden_states[:, : MAX_NEW - 1], fed, atol=1e-5, rtol=0)
+
+
 def test_route_at_the_only_step_is_fed_and_captured() -> None:
     llm = tiny_llm("eager")
     query_weight = torch.randn(BOUND.total_queries, 32)

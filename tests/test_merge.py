@@ -31,13 +31,16 @@ def runs(tmp_path_factory, tiny_cfg, tiny_processor):
     return root, _run(root / "base", root / "gdino", "gdino.", 0.5), _run(root / "base", root / "pose", "keypoint.", 0.25)
 
 
-def test_each_weight_comes_from_the_run_that_changed_it(runs):
+def test_each_weight_comes_from_the_run_that_changed_it(runs, capsys):
     root, gdino, pose = runs
     assert export_main(["--model", str(pose), "--base", str(root / "base"), "--merge", str(gdino),
                         "--out", str(root / "merged")]) == 0
     merged = load_file(root / "merged" / "model.safetensors")
     base, a, b = (load_file(folder / "model.safetensors") for folder in (root / "base", gdino, pose))
     assert merged.keys() == base.keys()
+    run, start = (VisionLLMv2Model.from_pretrained(f).state_dict() for f in (gdino, root / "base"))
+    taken = sum(not torch.equal(run[n], start[n]) for n in start)  # by the model's names (tied weights: each name)
+    assert f"took {taken} weights from {gdino}" in capsys.readouterr().out
     source = {name: a if name.startswith("gdino.") else b if name.startswith("keypoint.") else base for name in base}
     assert sum(not torch.equal(a[n], base[n]) for n in base) > 10 and sum(not torch.equal(b[n], base[n]) for n in base) > 10
     assert all(torch.equal(merged[name], source[name][name]) for name in base)
@@ -59,3 +62,12 @@ def test_merge_needs_its_base(runs, capsys):
     root, gdino, pose = runs
     assert export_main(["--model", str(pose), "--merge", str(gdino), "--out", str(root / "nobase")]) == 2
     assert "--merge and --base go together" in capsys.readouterr().err
+    assert export_main(["--model", str(pose), "--base", str(root / "base"), "--out", str(root / "nomerge")]) == 2
+    assert "--merge and --base go together" in capsys.readouterr().err
+
+
+def test_a_run_that_changed_nothing_is_refused(runs, capsys):
+    root, gdino, pose = runs
+    base = str(root / "base")
+    assert export_main(["--model", str(pose), "--base", base, "--merge", base, "--out", str(root / "empty")]) == 2
+    assert f"{base!r} changed no weight of {base!r}" in capsys.readouterr().err

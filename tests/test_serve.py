@@ -187,6 +187,7 @@ def test_models_and_health(client, served):
     assert [m.id for m in client.models.list().data] == [NAME]
     health = httpx.get(f"{served.url}/health").json()
     assert health["status"] == "ok" and health["model"] == NAME and len(health["batches"]) == 1
+    assert health["replicas_alive"] == [True]
 
 
 def _rle_masks(rles: list[dict[str, Any]]) -> np.ndarray:
@@ -555,12 +556,14 @@ def test_replicas_answer_batches_side_by_side_with_the_same_answers(model, tiny_
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "vllm2.cli", "serve", "--model", str(tmp_path / "model"), "--port", str(port),
                "--model-name", NAME, "--replicas", "2", "--max-batch", "4", "--max-tokens-cap", str(CAP)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = open(tmp_path / "server.log", "wb")
+    process = subprocess.Popen(command, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
     kinds = _kinds(tiny_processor)
     expected = [direct(model, tiny_processor, k["image"], ("<image>\n" if k["image"] else "") + k["prompt"],
                        k["max_tokens"], k["bias"]) for k in kinds]
     try:
         _wait_until(lambda: _up(url) or process.poll() is not None, timeout=180)
+        assert process.poll() is None, (tmp_path / "server.log").read_text()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
         order = [i % len(kinds) for i in range(32)]
         with ThreadPoolExecutor(16) as pool:
@@ -571,27 +574,29 @@ def test_replicas_answer_batches_side_by_side_with_the_same_answers(model, tiny_
             assert [o["route"] for o in outputs] == [o.route for o in expected[i].outputs]
             for got, ref in zip(outputs, expected[i].outputs):
                 assert_same_boxes(got, ref.result)
-        batches = httpx.get(f"{url}/health").json()["batches"]
+        health = httpx.get(f"{url}/health").json()
+        batches = health["batches"]
         assert len(batches) == 2 and min(batches) > 0 and sum(batches) >= 32 / 4
+        assert health["status"] == "ok" and health["replicas_alive"] == [True, True]
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
     finally:
         process.kill()
+        log.close()
 
 
 def test_a_replica_reports_a_failing_call_and_answers_the_next(model, tiny_processor, tmp_path):
     """A call that raises inside a replica raises ReplicaError with the replica's message; the replica answers the
     next call; a stopped replica is one clear error."""
-    import argparse
     from functools import partial
 
-    from vllm2.cli.serve import _load_replica
-    from vllm2.serve.replicas import Replica, ReplicaError
+    from vllm2.cli.serve import _load_replica, build_parser
+    from vllm2.serve.replicas import Replica, ReplicaError, ReplicaGone
 
     model.save_pretrained(tmp_path / "model")
     tiny_processor.save_pretrained(tmp_path / "model")
-    args = argparse.Namespace(model=str(tmp_path / "model"), config=None, overrides=[], seed=0)
-    replica = Replica(partial(_load_replica, args))
+    args = build_parser().parse_args(["--model", str(tmp_path / "model")])
+    replica = Replica(partial(_load_replica, args), threads=1)
     try:
         with pytest.raises(ReplicaError, match="ValueError: 2 prompts but 1 image entries"):
             replica(images=[None], prompts=["a", "b"])
@@ -599,5 +604,46 @@ def test_a_replica_reports_a_failing_call_and_answers_the_next(model, tiny_proce
         assert result.text == direct(model, tiny_processor, None, "Hello", 4).text
     finally:
         replica.close()
-    with pytest.raises(ReplicaError, match="is gone"):
+    with pytest.raises(ReplicaGone, match="is gone"):
         replica(images=[None], prompts=["Hello"])
+
+
+class _Runner:
+    """A stand-in replica: answers each prompt with its own text, or (``gone``) raises ReplicaGone."""
+
+    def __init__(self, gone: bool) -> None:
+        self.gone, self.batches = gone, 0
+
+    def __call__(self, prompts: list[str], **kwargs: Any) -> list[str]:
+        from vllm2.serve.replicas import ReplicaGone
+
+        self.batches += 1
+        if self.gone:
+            time.sleep(0.05)  # the other runner is busy too, so both take jobs
+            raise ReplicaGone("replica process 123 is gone (exit code -9)")
+        time.sleep(0.05)
+        return [f"answer to {p}" for p in prompts]
+
+
+def test_a_dead_replica_hands_its_jobs_to_the_others_and_the_last_fails_them():
+    from vllm2.serve.batcher import Batcher, Job
+    from vllm2.serve.replicas import ReplicaGone
+
+    dead, live = _Runner(gone=True), _Runner(gone=False)
+    batcher = Batcher(None, None, max_batch=2, wait_s=0.001, replicas=[dead, live])
+    batcher.start()
+    futures = [batcher.submit(Job(prompt=f"p{i}")) for i in range(8)]
+    assert [f.result(10) for f in futures] == [f"answer to p{i}" for i in range(8)]
+    assert dead.batches == 1 and batcher.alive == [False, True]
+    batcher.close()
+
+    batcher = Batcher(None, None, max_batch=2, wait_s=0.001, replicas=[_Runner(gone=True)])
+    batcher.start()
+    futures = [batcher.submit(Job(prompt=f"p{i}")) for i in range(5)]
+    for future in futures:
+        with pytest.raises(ReplicaGone, match="123 is gone"):
+            future.result(10)
+    assert batcher.alive == [False] and batcher.pending == 0
+    with pytest.raises(RuntimeError, match="no model replica is left"):
+        batcher.submit(Job(prompt="late"))
+    batcher.close()

@@ -152,6 +152,10 @@ def test_init_from_an_export_with_fewer_tokens_grows_the_vocabulary(tmp_path):
         assert torch.equal(state[table][:rows], stage1[table]) and torch.equal(state[table][rows:], before[table][rows:])
     assert torch.equal(state["vl_bridge.0.weight"], stage1["vl_bridge.0.weight"])
 
+    model.config.token_ids = {**model.config.token_ids, "[NEW]": 5}  # an added token with an id the export uses
+    with pytest.raises(ValueError, match=r"training.init_from: this config's tokens \['\[NEW\]'\] have ids inside"):
+        init_from_export(model, tmp_path / "stage1")
+
 
 def test_init_from_refuses_another_architecture_and_a_missing_folder(tmp_path):
     from vllm2 import build_model, load_config

@@ -197,8 +197,12 @@ class _DecodeState:
 def _step_mask(llm: nn.Module, mask: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive attention mask ``[b, 1, W, S]`` of a decoding step (eager and sdpa attention): each of the step's
     ``W`` new positions sees the cache's real positions up to itself. Given prepared, the LLM skips its own mask
-    building (a tenth of a batched decode step); other attention kinds get the 2D ``mask`` ``[b, S]``."""
-    if llm.config._attn_implementation not in ("eager", "sdpa"):
+    building (a tenth of a batched decode step). Other attention kinds, and models with sliding-window layers (a
+    given 4D mask applies to every layer as it is, so their windows would be lost), get the 2D ``mask`` ``[b, S]``."""
+    config = llm.config
+    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None)
+                                                                                 or ())
+    if config._attn_implementation not in ("eager", "sdpa") or sliding:
         return mask.long()
     total = mask.shape[1]
     keys = torch.arange(total, device=mask.device)  # [S]

@@ -11,13 +11,14 @@ beside the model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 __all__ = ["merge_changes"]
 
 
-def merge_changes(model: torch.nn.Module, base: str | Path, others: list[str | Path]) -> dict[str, str]:
+def merge_changes(model: torch.nn.Module, base: str | Path, others: Sequence[str | Path]) -> dict[str, str]:
     """Copy into ``model`` every weight that a model folder of ``others`` changed from the folder ``base``.
 
     Args:
@@ -27,29 +28,41 @@ def merge_changes(model: torch.nn.Module, base: str | Path, others: list[str | P
     Returns:
         weight name -> the folder it was taken from.
     Raises:
-        ValueError: a weight changed by two runs (``model`` included), or a folder with other weights.
+        ValueError: a weight changed by two runs (``model`` included), a folder whose weights differ in name or
+            shape from ``base``'s, or a folder that changed nothing (the base itself, or a run that never trained).
     """
     from .modeling import VisionLLMv2Model
 
     mine = model.state_dict()
     start = VisionLLMv2Model.from_pretrained(base).state_dict()
-    if mine.keys() != start.keys():
-        raise ValueError(f"the model and {str(base)!r} do not hold the same weights")
-    changed = {name for name, tensor in mine.items() if not torch.equal(tensor, start[name])}  # before any copy:
-    taken: dict[str, tuple[str, torch.Tensor]] = {}  # tied weights share one tensor under several names
+    _check_same_weights(mine, start, "the model", base)
+    changed = {name for name, tensor in mine.items() if not torch.equal(tensor, start[name])}  # the model's own
+    taken: dict[str, tuple[str, torch.Tensor]] = {}
     for folder in map(str, others):
         run = VisionLLMv2Model.from_pretrained(folder).state_dict()
-        if run.keys() != start.keys():
-            raise ValueError(f"{folder!r} and {str(base)!r} do not hold the same weights")
-        for name, theirs in run.items():
-            if torch.equal(theirs, start[name]):
-                continue
+        _check_same_weights(run, start, repr(folder), base)
+        theirs = {name: tensor for name, tensor in run.items() if not torch.equal(tensor, start[name])}
+        if not theirs:
+            raise ValueError(f"{folder!r} changed no weight of {str(base)!r}: is it the base, or a run that never "
+                             "trained?")
+        for name, tensor in theirs.items():
             rival = taken[name][0] if name in taken else "the model" if name in changed else None
             if rival:
                 raise ValueError(f"weight {name!r} was changed by both {rival} and {folder!r}; the runs must train "
                                  "disjoint parts (freeze what the other trains)")
-            taken[name] = (folder, theirs)
+            taken[name] = (folder, tensor)
     with torch.no_grad():
-        for name, (_, theirs) in taken.items():
-            mine[name].copy_(theirs)
+        for name, (_, tensor) in taken.items():
+            mine[name].copy_(tensor)
     return {name: folder for name, (folder, _) in taken.items()}
+
+
+def _check_same_weights(run: dict[str, torch.Tensor], start: dict[str, torch.Tensor], what: str,
+                        base: str | Path) -> None:
+    """Raise unless ``run`` holds the weights of ``start`` by name and shape."""
+    if run.keys() != start.keys():
+        raise ValueError(f"{what} and {str(base)!r} do not hold the same weights")
+    other = [name for name, tensor in run.items() if tensor.shape != start[name].shape]
+    if other:
+        raise ValueError(f"weight {other[0]!r} of {what} has shape {tuple(run[other[0]].shape)}, "
+                         f"{tuple(start[other[0]].shape)} in {str(base)!r} ({len(other)} such weights)")

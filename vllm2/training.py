@@ -74,6 +74,12 @@ def init_from_export(model: nn.Module, folder: str | Path) -> list[str]:
         raise ValueError(f"config key training.init_from: the special-token ids of {str(folder)!r} differ from this "
                          f"config's tokenizer ({wrong}); use the tokenizer it was trained with "
                          f"(llm.tokenizer={folder})")
+    rows = exported.llm.get_input_embeddings().weight.shape[0]
+    inside = sorted(t for t, i in ids.items() if t not in theirs and i < rows)
+    if inside:
+        raise ValueError(f"config key training.init_from: this config's tokens {inside} have ids inside the "
+                         f"{rows}-token vocabulary of {str(folder)!r}, whose rows there stand for other tokens; added "
+                         "tokens must come after the export's")
     own = model.state_dict()
     previous = _grow_vocabulary(model, onto_keys(exported.state_dict(), own), own)  # plain <-> LoRA-wrapped LLM
     alien = [k for k, v in previous.items() if k not in own or own[k].shape != v.shape]

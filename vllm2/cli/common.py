@@ -38,5 +38,12 @@ def load_model(args: argparse.Namespace) -> tuple[VisionLLMv2Model, VisionLLMv2P
     return model.eval(), VisionLLMv2Processor.from_config(cfg), untrained
 
 
+def load_processor(args: argparse.Namespace) -> VisionLLMv2Processor:
+    """The processor named by the arguments, without loading the model."""
+    if args.model:
+        return VisionLLMv2Processor.from_pretrained(args.model)
+    return VisionLLMv2Processor.from_config(load_config(args.config, args.overrides))
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from .common import setup_logging
 
@@ -33,10 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def export(model_dir: str | Path, out: str | Path, merge_lora: bool = False, merge: list[str] | None = None,
-           base: str | Path | None = None) -> None:
+def export(model_dir: str | Path, out: str | Path, merge_lora: bool = False, merge: Sequence[str] = (),
+           base: str | Path | None = None) -> dict[str, int]:
     """Load ``model_dir``, optionally take the weights the ``merge`` runs changed from ``base`` and merge its LoRA
     adapters, and save the model and its processor to ``out``.
+
+    Returns:
+        each ``merge`` folder -> how many weights were taken from it.
 
     Raises:
         ValueError: ``out`` is not empty, ``merge`` without ``base`` (or a weight two runs changed), or
@@ -52,8 +56,7 @@ def export(model_dir: str | Path, out: str | Path, merge_lora: bool = False, mer
     if bool(merge) != (base is not None):
         raise ValueError("--merge and --base go together: the runs to take changes from and the folder they began at")
     model = VisionLLMv2Model.from_pretrained(model_dir)
-    if merge:
-        merge_changes(model, base, merge)
+    taken = merge_changes(model, base, merge) if merge else {}
     processor = VisionLLMv2Processor.from_pretrained(model_dir)
     if merge_lora:
         try:
@@ -62,15 +65,18 @@ def export(model_dir: str | Path, out: str | Path, merge_lora: bool = False, mer
             raise ValueError(f"--merge-lora: {str(model_dir)!r}: {error}") from None
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return {folder: list(taken.values()).count(folder) for folder in map(str, merge)}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.verbose)
     try:
-        export(args.model, args.out, args.merge_lora, args.merge, args.base)
+        taken = export(args.model, args.out, args.merge_lora, args.merge or (), args.base)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for folder, count in taken.items():
+        print(f"took {count} weights from {folder}")
     print(f"wrote {args.out}" + (" (LoRA merged)" if args.merge_lora else ""))
     return 0

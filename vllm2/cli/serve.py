@@ -6,8 +6,8 @@ images, per-output errors) travel in each choice's "vllm2_outputs" field; see th
 
 Requests that arrive within --batch-wait-ms of each other are answered by one batched generation (up to
 --max-batch); greedy answers equal those of the same requests sent one at a time. --replicas N loads the model
-in N worker processes that answer N batches at once (one core or GPU each: the benchmark's 2-core machine serves
-16 clients best with --replicas 2 --max-batch 8). The server listens on
+in N worker processes that answer N batches at once (each with 1/N of the cores unless OMP_NUM_THREADS is set: the
+benchmark's 2-core machine serves 16 clients best with --replicas 2 --max-batch 8). The server listens on
 127.0.0.1 unless --host says otherwise. SIGTERM (or Ctrl-C) stops accepting, answers the requests in flight, exits.
 
 Example:
@@ -26,7 +26,14 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from .common import add_model_args, load_model, setup_logging
+from typing import TYPE_CHECKING
+
+from ..serve.replicas import Replica, ReplicaError
+from .common import add_model_args, load_model, load_processor, setup_logging
+
+if TYPE_CHECKING:
+    from ..modeling import VisionLLMv2Model
+    from ..processor import VisionLLMv2Processor
 
 logger = logging.getLogger(__name__)
 
@@ -63,34 +70,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_replica(args: argparse.Namespace) -> tuple:
+def _load_replica(args: argparse.Namespace) -> tuple[VisionLLMv2Model, VisionLLMv2Processor]:
     """The model and processor of a replica process (module-level: it pickles)."""
     model, processor, _ = load_model(args)
     return model, processor
+
+
+def _load(args: argparse.Namespace) -> tuple[VisionLLMv2Model | None, VisionLLMv2Processor, list[Replica]]:
+    """The model in this process (``--replicas 1``), or the processor here and the model in ``--replicas``
+    processes, each with its share of the cores unless ``OMP_NUM_THREADS`` says otherwise."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas == 1:
+        model, processor, _ = load_model(args)
+        return model, processor, []
+    processor = load_processor(args)
+    threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // args.replicas)
+    replicas = [Replica(partial(_load_replica, args), threads) for _ in range(args.replicas)]
+    try:
+        for replica in replicas:
+            replica.wait_ready()
+    except ReplicaError:
+        for replica in replicas:
+            replica.close()
+        raise
+    return None, processor, replicas
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from ..serve import ServeOptions, create_app
-    from ..serve.replicas import Replica, ReplicaError
 
     try:
         options = ServeOptions(
             model_name=args.model_name or Path(args.model or args.config).stem, api_key=args.api_key,
             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, allow_paths=tuple(args.allow_path),
             max_tokens_cap=args.max_tokens_cap, max_request_bytes=args.max_request_bytes, max_images=args.max_images)
-        if args.replicas < 1:
-            raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-        model, processor, _ = load_model(args)
-        replicas = [Replica(partial(_load_replica, args)) for _ in range(args.replicas)] if args.replicas > 1 else []
-        for replica in replicas:
-            replica.wait_ready()
+        model, processor, replicas = _load(args)
     except (ValueError, FileNotFoundError, KeyError, ReplicaError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if replicas:
-        model = None  # the replicas answer
     if args.host not in LOOPBACK:
         logger.warning("listening on %s: anyone who can reach this address can use the model%s", args.host,
                        "" if args.api_key else " (no --api-key)")

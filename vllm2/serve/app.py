@@ -56,8 +56,10 @@ class Handlers:
         self.created = int(time.time())
 
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.rules.model_name, "pending": self.batcher.pending,
-                "batches": self.batcher.runner_batches}
+        alive = self.batcher.alive
+        status = "ok" if all(alive) else "degraded" if any(alive) else "failed"
+        return {"status": status, "model": self.rules.model_name, "pending": self.batcher.pending,
+                "batches": self.batcher.runner_batches, "replicas_alive": alive}
 
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.rules.model_name, "object": "model", "created": self.created,

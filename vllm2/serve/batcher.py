@@ -8,7 +8,9 @@ request waits ``wait_s``). Requests the server is still reading (see :meth:`Batc
 little longer (up to ``HOLD_WAITS * wait_s``). The jobs are grouped by sampling settings, one ``chat`` call per
 group. Each job carries its own token budget and logit bias, so greedy answers equal those of the same requests sent
 one at a time. A job whose client left before its batch started is skipped. If a batched call raises, its jobs run
-again one at a time so the failure stays with the request that caused it.
+again one at a time so the failure stays with the request that caused it. A replica whose process has ended
+(:class:`.replicas.ReplicaGone`) retires: its worker thread puts its unanswered jobs back in the queue for the other
+replicas and stops; when none is left, every waiting and later job fails with that error.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from PIL import Image
 
 from ..chat import ChatResult, chat
+from .replicas import ReplicaGone
 
 if TYPE_CHECKING:
     from ..modeling import VisionLLMv2Model
@@ -113,6 +116,8 @@ class Batcher:
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # the sizes of the latest chat calls
         self.runner_batches = [0] * len(self.runners)  # chat calls answered by each runner
         self.skipped = 0  # jobs whose client left before their batch started
+        self.alive = [True] * len(self.runners)  # False once a runner's process has ended
+        self._gone: ReplicaGone | None = None  # set when no runner is left
         self._queue: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"vllm2-batcher-{i}", daemon=True)
                          for i in range(len(self.runners))]
@@ -149,6 +154,8 @@ class Batcher:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
+            if self._gone is not None:
+                raise RuntimeError(f"no model replica is left ({self._gone})")
             self._queue.put(job)
         return job.future
 
@@ -170,10 +177,32 @@ class Batcher:
             if item is _STOP:
                 return
             jobs, stop = self._collect(item)
-            if jobs:
-                self._run(jobs, index)
+            try:
+                if jobs:
+                    self._run(jobs, index)
+            except ReplicaGone as err:
+                self._retire(index, [job for job in jobs if not job.future.done()], err)
+                return
             if stop:
                 return
+
+    def _retire(self, index: int, jobs: list[Job], err: ReplicaGone) -> None:
+        """Runner ``index`` is gone: its jobs go back to the queue for the others, or fail with ``err`` (and so do
+        the queued ones) when it was the last."""
+        logger.error("replica %d is gone (%s): %d jobs go to the others", index, err, len(jobs))
+        with self._lock:
+            self.alive[index] = False
+            if any(self.alive):
+                for job in jobs:
+                    self._queue.put(job)
+                return
+            self._gone = err
+            while not self._queue.empty():  # nobody is left to take them
+                item = self._queue.get_nowait()
+                jobs += [item] if isinstance(item, Job) else []
+        for job in jobs:
+            if job.future.running() or job.future.set_running_or_notify_cancel():
+                job.future.set_exception(err)
 
     def _collect(self, first: Job) -> tuple[list[Job], bool]:
         """The jobs of one batch, starting with ``first``, and whether the stop mark was met."""
@@ -183,10 +212,11 @@ class Batcher:
         while True:
             if item is _STOP:
                 return jobs, True
-            if item.future.set_running_or_notify_cancel():
+            if item.future.running() or item.future.set_running_or_notify_cancel():  # running: a retired runner's job
                 jobs.append(item)
             else:
-                self.skipped += 1
+                with self._lock:
+                    self.skipped += 1
             if len(jobs) >= self.max_batch:
                 return jobs, False
             item = self._next(hold_until)
@@ -211,6 +241,8 @@ class Batcher:
         for group in groups.values():
             try:
                 results = self._chat(group, runner)
+            except ReplicaGone:
+                raise
             except Exception as err:
                 if len(group) == 1:
                     group[0].future.set_exception(err)
