@@ -13,7 +13,7 @@ STAGED := runs/shapes
 STAGE0 := $(PY) -m vllm2.cli tower pretrain --config configs/shapes/base.yaml --data $(SHAPES)/train/instances.json \
 	--held-out $(SHAPES)/val/instances.json --limit 4000 --steps 2000 --out $(STAGED)/stage0
 
-TEXT_MODEL := runs/shapes-text/final
+TEXT_MODEL := $(STAGED)/text/final
 COMPARE_OUT := runs/shapes-compare
 
 .PHONY: venv browser test demo shapes-model shapes-bench shapes-text-model shapes-compare clean
@@ -46,11 +46,12 @@ $(SHAPES)/val/manifest.json: $(STAMP)
 
 # The real recipe in miniature, from scratch. Stage 0 makes what real users download: the vision tower (patch-phrase
 # contrast) and the generation and edit UNets (`vllm2 decoder pretrain`, trained on caption embeddings as SD and
-# InstructPix2Pix were); the tower, configs/shapes/stage1.yaml and stage1b.yaml (stage 1 continued) run on one core
-# while the two UNets train on the other. Then stage2.yaml (every task; the UNets join pretrained and frozen) and
-# stage 3 in two decoder-only phases, stage3a.yaml (GroundingDINO's tasks) and stage3b.yaml (keypoints, edits,
-# generation). Each stage starts from the previous stage's export; per-stage seconds in $(STAGED)/times.txt. The last
-# export becomes $(MODEL).
+# InstructPix2Pix were; the edit UNet in two cosine cycles, 2000 steps then 1000 at a lower rate); the tower,
+# configs/shapes/stage1.yaml and stage1b.yaml (stage 1 continued) run on one core while the two UNets train on the
+# other. Then stage2.yaml (every task; the UNets join pretrained and frozen), and stage 3, decoders only, from stage
+# 2's export on two cores: stage3a.yaml (GroundingDINO's tasks) then stage3c.yaml (keypoints, against 3a's frozen
+# GroundingDINO) on one, stage3b.yaml (the UNets) on the other; `vllm2 export --merge` joins them. Per-stage seconds
+# in $(STAGED)/times.txt. The joined model becomes $(MODEL).
 TRAIN := $(PY) -m vllm2.cli train
 UNET0 := $(PY) -m vllm2.cli decoder pretrain --config configs/shapes/base.yaml -q
 TIMED = timed() { local name=$$1 t0=$$(date +%s); shift; "$$@" || return 1; \
@@ -62,12 +63,22 @@ shapes-model: $(SHAPES)/train/manifest.json $(SHAPES)/val/manifest.json
 	( timed "stage 0 (tower)" $(STAGE0) && timed "stage 1" $(TRAIN) configs/shapes/stage1.yaml && \
 	  timed "stage 1b" $(TRAIN) configs/shapes/stage1b.yaml ) & llm=$$!; \
 	( timed "stage 0 (sd)" $(UNET0) --decoder sd --steps 1200 --out $(STAGED)/sd && \
-	  timed "stage 0 (ip2p)" $(UNET0) --decoder ip2p --steps 2000 --out $(STAGED)/ip2p ) & unets=$$!; \
+	  timed "stage 0 (ip2p)" $(UNET0) --decoder ip2p --steps 2000 --out $(STAGED)/ip2p-2000 && \
+	  timed "stage 0 (ip2p, second cycle)" $(UNET0) decoders.ip2p.pretrained_path=$(STAGED)/ip2p-2000 \
+		--decoder ip2p --steps 1000 --lr 1e-3 --out $(STAGED)/ip2p ) & unets=$$!; \
 	wait $$llm; a=$$?; wait $$unets; b=$$?; [ $$a = 0 ] && [ $$b = 0 ] || exit 1; \
 	echo "stages 0-1b, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
-	$(TIMED); for stage in 2 3a 3b; do timed "stage $$stage" $(TRAIN) configs/shapes/stage$$stage.yaml || exit 1; done
-	rm -rf $(MODEL) && mkdir -p $(MODEL)
-	cd $(STAGED)/stage3b/final && cp config.json model.safetensors processor_config.json tokenizer.json \
+	$(TIMED); timed "stage 2" $(TRAIN) configs/shapes/stage2.yaml
+	$(TIMED); export OMP_NUM_THREADS=1; start=$$(date +%s); \
+	( timed "stage 3a" $(TRAIN) configs/shapes/stage3a.yaml && \
+	  timed "stage 3c" $(TRAIN) configs/shapes/stage3c.yaml ) & a=$$!; \
+	timed "stage 3b" $(TRAIN) configs/shapes/stage3b.yaml & b=$$!; \
+	wait $$a; a=$$?; wait $$b; b=$$?; [ $$a = 0 ] && [ $$b = 0 ] || exit 1; \
+	echo "stages 3a, 3c and 3b, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
+	rm -rf $(STAGED)/stage3 $(MODEL) && mkdir -p $(MODEL)
+	$(PY) -m vllm2.cli export --model $(STAGED)/stage3c/final --base $(STAGED)/stage2/final \
+		--merge $(STAGED)/stage3b/final --out $(STAGED)/stage3
+	cd $(STAGED)/stage3 && cp config.json model.safetensors processor_config.json tokenizer.json \
 		tokenizer_config.json $(CURDIR)/$(MODEL)/
 
 # Routed mode (the model picks its routes) on the held-out world; one result JSON per task in $(BENCH_OUT).
@@ -87,9 +98,10 @@ shapes-bench: $(SHAPES)/val/manifest.json
 	$(BENCH) edit --model $(MODEL) --data $(SHAPES)/val/edit.jsonl --judge shapes --batch-size 16 \
 		--out $(BENCH_OUT)/edit.json
 
-# The text-transmission baseline (configs/shapes-text.yaml: same model, data, steps and batch) -> $(TEXT_MODEL).
+# The text-transmission baseline on the staged recipe (configs/shapes/text.yaml: from the super-link model's stage 1b
+# export, so after `make shapes-model`; as many steps as its decoders get after stage 1) -> $(TEXT_MODEL).
 shapes-text-model: $(SHAPES)/train/manifest.json
-	$(PY) -m vllm2.cli train configs/shapes-text.yaml
+	$(PY) -m vllm2.cli train configs/shapes/text.yaml
 
 # Super link against text transmission on the held-out world: det, rec and pose of both models (routed), then tokens
 # decoded and seconds per image side by side (benchmarks/transmission.py).
