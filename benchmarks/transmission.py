@@ -7,7 +7,7 @@ model after the other, in batches with greedy decoding. ``tokens_per_image`` cou
 ``seconds_per_image`` is the wall time of ``model.chat`` (super link: decoders included; text: token parsing
 included); ``malformed`` counts the text elements chat skipped. Ratios are text / super link.
 
-Usage: ``python benchmarks/transmission.py --superlink data/shapes-model --text runs/shapes-text/final
+Usage: ``python benchmarks/transmission.py --superlink data/shapes-model --text runs/shapes/text/final
 --data data/shapes/val [--limit 64 --batch 16 --threads 2]``. Prints one JSON object.
 """
 
