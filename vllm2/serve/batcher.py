@@ -187,19 +187,20 @@ class Batcher:
                 return
 
     def _retire(self, index: int, jobs: list[Job], err: ReplicaGone) -> None:
-        """Runner ``index`` is gone: its jobs go back to the queue for the others, or fail with ``err`` (and so do
-        the queued ones) when it was the last."""
-        logger.error("replica %d is gone (%s): %d jobs go to the others", index, err, len(jobs))
+        """Runner ``index`` is gone: its jobs go back to the queue for the others. They fail with ``err`` instead
+        when the batcher is closing (the others stop at their marks) or when it was the last (the queued ones too)."""
+        logger.error("replica %d is gone (%s) with %d jobs unanswered", index, err, len(jobs))
         with self._lock:
             self.alive[index] = False
-            if any(self.alive):
+            if any(self.alive) and not self._closed:
                 for job in jobs:
                     self._queue.put(job)
                 return
-            self._gone = err
-            while not self._queue.empty():  # nobody is left to take them
-                item = self._queue.get_nowait()
-                jobs += [item] if isinstance(item, Job) else []
+            if not any(self.alive):
+                self._gone = err
+                while not self._queue.empty():  # nobody is left to take them
+                    item = self._queue.get_nowait()
+                    jobs += [item] if isinstance(item, Job) else []
         for job in jobs:
             if job.future.running() or job.future.set_running_or_notify_cancel():
                 job.future.set_exception(err)
