@@ -93,8 +93,8 @@ def test_batched_routing_equals_per_sample_and_training_forward(attn: str) -> No
         torch.testing.assert_close(hidden[fed], single.hidden_states[0, :n][fed], atol=1e-5, rtol=0)
 
 
-def test_without_routes_matches_transformers_generate() -> None:
-    llm = tiny_llm("sdpa")
+def ours_and_transformers(llm) -> tuple[GenerationOutput, object]:
+    """Greedy decoding of PROMPTS without routes, by :func:`generate` and by ``llm.generate`` (with hidden states)."""
     embeds, mask = left_padded(llm, PROMPTS)
     no_special = Forced([{}] * len(PROMPTS))
     ours = generate(llm, embeds, mask, BOUND, torch.zeros(BOUND.total_queries, 32), llm.get_input_embeddings(),
@@ -102,8 +102,13 @@ def test_without_routes_matches_transformers_generate() -> None:
     with torch.no_grad():
         reference = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False,
                                  logits_processor=LogitsProcessorList([no_special]), eos_token_id=None,
-                                 pad_token_id=PAD)
-    assert ours.sequences.tolist() == reference[:, -MAX_NEW:].tolist()
+                                 pad_token_id=PAD, output_hidden_states=True, return_dict_in_generate=True)
+    return ours, reference
+
+
+def test_without_routes_matches_transformers_generate() -> None:
+    ours, reference = ours_and_transformers(tiny_llm("sdpa"))
+    assert ours.sequences.tolist() == reference.sequences[:, -MAX_NEW:].tolist()
     assert ours.lengths.tolist() == [MAX_NEW] * len(PROMPTS)
 
 
@@ -116,15 +121,7 @@ def test_sliding_window_layers_keep_their_window() -> None:
     config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=4, pad_token_id=PAD,
                            attn_implementation="sdpa")
-    llm = MistralForCausalLM(config).eval()
-    embeds, mask = left_padded(llm, PROMPTS)
-    no_special = Forced([{}] * len(PROMPTS))
-    ours = generate(llm, embeds, mask, BOUND, torch.zeros(BOUND.total_queries, 32), llm.get_input_embeddings(),
-                    max_new_tokens=MAX_NEW, logits_processor=no_special)
-    with torch.no_grad():
-        reference = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False,
-                                 logits_processor=LogitsProcessorList([no_special]), eos_token_id=None,
-                                 pad_token_id=PAD, output_hidden_states=True, return_dict_in_generate=True)
+    ours, reference = ours_and_transformers(MistralForCausalLM(config).eval())
     assert ours.sequences.tolist() == reference.sequences[:, -MAX_NEW:].tolist()
     fed = torch.cat([step[-1][:, -1:] for step in reference.hidden_states[1:]], 1)  # [B, MAX_NEW - 1, C]
     torch.testing.assert_close(ours.hidden_states[:, : MAX_NEW - 1], fed, atol=1e-5, rtol=0)
