@@ -415,21 +415,28 @@ def _ask(client, kind: dict[str, Any]):
                                           logit_bias={str(t): 100 for t in kind["bias"]})
 
 
-def test_concurrent_load_matches_sequential_answers(client, served, model, tiny_processor, gate):
-    kinds = _kinds(tiny_processor)
-    expected = [direct(model, tiny_processor, k["image"], ("<image>\n" if k["image"] else "") + k["prompt"],
+def _load_equals_direct(client, model, processor, count: int) -> list:
+    """``count`` requests cycling over :func:`_kinds` from 16 client threads; every answer (text, routes, boxes)
+    equals direct ``chat`` on the model. Returns the replies."""
+    kinds = _kinds(processor)
+    expected = [direct(model, processor, k["image"], ("<image>\n" if k["image"] else "") + k["prompt"],
                        k["max_tokens"], k["bias"]) for k in kinds]
-    served.app.state.batcher.batch_sizes.clear()
-    order = [i % 16 for i in range(64)]
+    order = [i % len(kinds) for i in range(count)]
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(lambda i: _ask(client, kinds[i]), order))
-    assert len(replies) == 64 and len({r.id for r in replies}) == 64
     for i, reply in zip(order, replies):
         assert reply.choices[0].message.content == expected[i].text
         outputs = reply.choices[0].model_extra[EXT]
         assert [o["route"] for o in outputs] == [o.route for o in expected[i].outputs]
         for got, ref in zip(outputs, expected[i].outputs):
             assert_same_boxes(got, ref.result)
+    return replies
+
+
+def test_concurrent_load_matches_sequential_answers(client, served, model, tiny_processor, gate):
+    served.app.state.batcher.batch_sizes.clear()
+    replies = _load_equals_direct(client, model, tiny_processor, 64)
+    assert len(replies) == 64 and len({r.id for r in replies}) == 64
     sizes = list(served.app.state.batcher.batch_sizes)
     assert sum(sizes) == 64 and max(sizes) > 1
 
@@ -558,22 +565,11 @@ def test_replicas_answer_batches_side_by_side_with_the_same_answers(model, tiny_
                "--model-name", NAME, "--replicas", "2", "--max-batch", "4", "--max-tokens-cap", str(CAP)]
     log = open(tmp_path / "server.log", "wb")
     process = subprocess.Popen(command, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    kinds = _kinds(tiny_processor)
-    expected = [direct(model, tiny_processor, k["image"], ("<image>\n" if k["image"] else "") + k["prompt"],
-                       k["max_tokens"], k["bias"]) for k in kinds]
     try:
         _wait_until(lambda: _up(url) or process.poll() is not None, timeout=180)
         assert process.poll() is None, (tmp_path / "server.log").read_text()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-        order = [i % len(kinds) for i in range(32)]
-        with ThreadPoolExecutor(16) as pool:
-            replies = list(pool.map(lambda i: _ask(client, kinds[i]), order))
-        for i, reply in zip(order, replies):
-            assert reply.choices[0].message.content == expected[i].text
-            outputs = reply.choices[0].model_extra[EXT]
-            assert [o["route"] for o in outputs] == [o.route for o in expected[i].outputs]
-            for got, ref in zip(outputs, expected[i].outputs):
-                assert_same_boxes(got, ref.result)
+        _load_equals_direct(client, model, tiny_processor, 32)
         health = httpx.get(f"{url}/health").json()
         batches = health["batches"]
         assert len(batches) == 2 and min(batches) > 0 and sum(batches) >= 32 / 4
