@@ -182,6 +182,7 @@ class _DecodeState:
     leave the batch and the cache, and per-step records are scattered back to all ``B`` samples."""
 
     cache: DynamicCache
+    four_d: bool  # decode steps get a prepared 4D mask (see _takes_4d_mask)
     mask: torch.Tensor  # [b, S] attention mask of the cached positions
     logits: torch.Tensor  # [b, V] next-token logits of each decoding row
     next_position: torch.Tensor  # [b] position id of each row's next real position
@@ -194,15 +195,19 @@ class _DecodeState:
     steps_valid: list[torch.Tensor]  # per step, [B, W] bool: real positions
 
 
-def _step_mask(llm: nn.Module, mask: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive attention mask ``[b, 1, W, S]`` of a decoding step (eager and sdpa attention): each of the step's
-    ``W`` new positions sees the cache's real positions up to itself. Given prepared, the LLM skips its own mask
-    building (a tenth of a batched decode step). Other attention kinds, and models with sliding-window layers (a
-    given 4D mask applies to every layer as it is, so their windows would be lost), get the 2D ``mask`` ``[b, S]``."""
-    config = llm.config
+def _takes_4d_mask(config) -> bool:
+    """Whether decode steps may hand the LLM a prepared 4D mask: eager or sdpa attention and no sliding-window layers
+    (a given 4D mask applies to every layer as it is, so their windows would be lost)."""
     sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None)
                                                                                  or ())
-    if config._attn_implementation not in ("eager", "sdpa") or sliding:
+    return config._attn_implementation in ("eager", "sdpa") and not sliding
+
+
+def _step_mask(mask: torch.Tensor, width: int, dtype: torch.dtype, four_d: bool) -> torch.Tensor:
+    """The attention mask of a decoding step: with ``four_d``, the additive ``[b, 1, W, S]`` mask in which each of the
+    step's ``W`` new positions sees the cache's real positions up to itself (given prepared, the LLM skips its own mask
+    building: a tenth of a batched decode step); otherwise the 2D ``mask`` ``[b, S]``."""
+    if not four_d:
         return mask.long()
     total = mask.shape[1]
     keys = torch.arange(total, device=mask.device)  # [S]
@@ -226,6 +231,7 @@ def _prefill(llm: nn.Module, inputs_embeds: torch.Tensor, mask: torch.Tensor) ->
     )
     return _DecodeState(
         cache=cache,
+        four_d=_takes_4d_mask(llm.config),
         mask=mask,
         logits=out.logits[:, -1].float(),  # [B, V]
         next_position=mask.sum(1),  # [B]
@@ -294,7 +300,7 @@ def _feed(
         state.mask = torch.cat([state.mask, step.mask], dim=1)  # [b, S]
         out = llm(
             inputs_embeds=step.embeds.to(dtype),
-            attention_mask=_step_mask(llm, state.mask, step.mask.shape[1], dtype),
+            attention_mask=_step_mask(state.mask, step.mask.shape[1], dtype, state.four_d),
             position_ids=step.position_ids,
             cache=state.cache,
             use_cache=True,

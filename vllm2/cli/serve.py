@@ -25,7 +25,6 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ..serve.replicas import Replica, ReplicaError
