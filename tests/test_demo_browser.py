@@ -177,8 +177,14 @@ def page(server, browser):
 
 
 def _upload(page) -> None:
+    """Upload the sample and wait until the upload's reset has cleared the fields (a click before it would be lost)."""
+    from playwright.sync_api import expect
+
+    box = page.locator("#region-box textarea")
+    box.fill("marker")
     page.locator("#input-image input[type=file]").set_input_files(str(SAMPLE))
     page.locator("#input-image img").wait_for()
+    expect(box).to_have_value("")
 
 
 def _send(page, text: str, turns: int) -> None:
