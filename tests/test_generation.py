@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from superlink import RouteTable, gather_queries, query_position_mask, splice_queries
-from vllm2.generation import GenerationOutput, generate
+from vllm2.generation import GenerationOutput, GrowingLayer, generate
 
 TABLE = RouteTable.default()
 IDS = {t: 80 + i for i, t in enumerate(TABLE.route_tokens + TABLE.placeholder_tokens)}
@@ -91,6 +91,26 @@ def test_batched_routing_equals_per_sample_and_training_forward(attn: str) -> No
         ends_with_queries = bool(BOUND.is_placeholder(single.sequences[0, n - 1]))
         assert fed[:-1].all() and bool(fed[-1]) == ends_with_queries  # a final plain token is not fed
         torch.testing.assert_close(hidden[fed], single.hidden_states[0, :n][fed], atol=1e-5, rtol=0)
+
+
+def test_growing_layer_equals_concatenation_and_writes_in_place() -> None:
+    """Keys and values read back as the concatenation of every update, rows selected as indexing selects them; updates
+    within the spare room keep the buffer (written in place), one past it moves to a larger buffer."""
+    torch.manual_seed(0)
+    layer, keys, values, buffers = GrowingLayer(), [], [], []
+    for n in [5, 1, 1, 9, 1, 64, 1]:  # room for 5 + 64 positions after the first update; the 64 goes past it
+        keys.append(torch.randn(3, 2, n, 4))
+        values.append(torch.randn(3, 2, n, 4))
+        got_keys, got_values = layer.update(keys[-1], values[-1])
+        assert torch.equal(got_keys, torch.cat(keys, 2)) and torch.equal(got_values, torch.cat(values, 2))
+        buffers.append(layer.buffers[0].data_ptr())
+    assert buffers[:5] == [buffers[0]] * 5 and buffers[5:] == [buffers[5]] * 2 and buffers[5] != buffers[0]
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    new_keys, new_values = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    got_keys, got_values = layer.update(new_keys, new_values)
+    assert torch.equal(got_keys, torch.cat([torch.cat(keys, 2)[[2, 0]], new_keys], 2))
+    assert torch.equal(got_values, torch.cat([torch.cat(values, 2)[[2, 0]], new_values], 2))
+    assert layer.get_seq_length() == 83
 
 
 def ours_and_transformers(llm) -> tuple[GenerationOutput, object]:
