@@ -49,8 +49,8 @@ $(SHAPES)/val/manifest.json: $(STAMP)
 # InstructPix2Pix were; the edit UNet in two cosine cycles, 2000 steps then 1000 at a lower rate); the tower,
 # configs/shapes/stage1.yaml and stage1b.yaml (stage 1 continued) run on one core while the two UNets train on the
 # other. Then stage2.yaml (every task; the UNets join pretrained and frozen), and stage 3, decoders only, from stage
-# 2's export on two cores: stage3a.yaml (GroundingDINO's tasks) then stage3c.yaml (keypoints, against 3a's frozen
-# GroundingDINO) on one, stage3b.yaml (the UNets) on the other; `vllm2 export --merge` joins them. Per-stage seconds
+# 2's export on two cores: stage3a.yaml (GroundingDINO's tasks) then stage3c.yaml and stage3d.yaml (keypoints against
+# 3a's frozen GroundingDINO, in two cosine cycles) on one, stage3b.yaml (the UNets) on the other; `vllm2 export --merge` joins them. Per-stage seconds
 # in $(STAGED)/times.txt. The joined model becomes $(MODEL).
 TRAIN := $(PY) -m vllm2.cli train
 UNET0 := $(PY) -m vllm2.cli decoder pretrain --config configs/shapes/base.yaml -q
@@ -71,12 +71,13 @@ shapes-model: $(SHAPES)/train/manifest.json $(SHAPES)/val/manifest.json
 	$(TIMED); timed "stage 2" $(TRAIN) configs/shapes/stage2.yaml
 	$(TIMED); export OMP_NUM_THREADS=1; start=$$(date +%s); \
 	( timed "stage 3a" $(TRAIN) configs/shapes/stage3a.yaml && \
-	  timed "stage 3c" $(TRAIN) configs/shapes/stage3c.yaml ) & a=$$!; \
+	  timed "stage 3c" $(TRAIN) configs/shapes/stage3c.yaml && \
+	  timed "stage 3d" $(TRAIN) configs/shapes/stage3d.yaml ) & a=$$!; \
 	timed "stage 3b" $(TRAIN) configs/shapes/stage3b.yaml & b=$$!; \
 	wait $$a; a=$$?; wait $$b; b=$$?; [ $$a = 0 ] && [ $$b = 0 ] || exit 1; \
-	echo "stages 3a, 3c and 3b, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
+	echo "stages 3a, 3c, 3d and 3b, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
 	rm -rf $(STAGED)/stage3 $(MODEL) && mkdir -p $(MODEL)
-	$(PY) -m vllm2.cli export --model $(STAGED)/stage3c/final --base $(STAGED)/stage2/final \
+	$(PY) -m vllm2.cli export --model $(STAGED)/stage3d/final --base $(STAGED)/stage2/final \
 		--merge $(STAGED)/stage3b/final --out $(STAGED)/stage3
 	cd $(STAGED)/stage3 && cp config.json model.safetensors processor_config.json tokenizer.json \
 		tokenizer_config.json $(CURDIR)/$(MODEL)/
