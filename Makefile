@@ -50,8 +50,8 @@ $(SHAPES)/val/manifest.json: $(STAMP)
 # configs/shapes/stage1.yaml and stage1b.yaml (stage 1 continued) run on one core while the two UNets train on the
 # other. Then stage2.yaml (every task; the UNets join pretrained and frozen), and stage 3, decoders only, from stage
 # 2's export on two cores: stage3a.yaml (GroundingDINO's tasks) then stage3c.yaml and stage3d.yaml (keypoints against
-# 3a's frozen GroundingDINO, in two cosine cycles) on one, stage3b.yaml (the UNets) on the other; `vllm2 export --merge` joins them. Per-stage seconds
-# in $(STAGED)/times.txt. The joined model becomes $(MODEL).
+# 3a's frozen GroundingDINO, in two cosine cycles) on one, stage3b.yaml (the UNets) on the other; `vllm2 export
+# --merge` joins them. Per-stage seconds in $(STAGED)/times.txt. The joined model becomes $(MODEL).
 TRAIN := $(PY) -m vllm2.cli train
 UNET0 := $(PY) -m vllm2.cli decoder pretrain --config configs/shapes/base.yaml -q
 TIMED = timed() { local name=$$1 t0=$$(date +%s); shift; "$$@" || return 1; \
