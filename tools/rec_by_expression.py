@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -52,16 +51,15 @@ def main() -> None:
     model, processor, _ = load_model(bench_args)
     predictor = runner.routed_predictor(model, processor, task.decoder_options(), bench_args.max_new_tokens)
     records = runner.predict_records(task, dataset, indices, predictor, "routed", args.batch_size, progress=True)
-    lines = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
-    objects = Counter(line["image"] for line in lines)
+    objects = Counter(record["image"] for record in dataset.records)
     hits: dict[str, list[bool]] = defaultdict(list)
     for index, _, score, _ in records:
-        item, number = map(int, re.search(r"\[(\d+)\] expression (\d+)", dataset[index].source).groups())
-        words = lines[item]["expressions"][number].split()
+        position, choice = dataset.items[index]  # the (record, expression) pair of the item
+        record = dataset.records[position]
         pred = score["pred"]
         hit = pred is not None and bool(aligned_box_iou(np.array([pred]), np.array([score["gt"]]))[0] >= 0.5)
-        hits["+".join(word_kind(w) for w in words)].append(hit)
-        count = objects[lines[item]["image"]]
+        hits["+".join(word_kind(w) for w in record["expressions"][choice].split())].append(hit)
+        count = objects[record["image"]]
         hits[f"scene with {count if count < 4 else '4+'} objects"].append(hit)
     print(json.dumps({k: {"count": len(v), "acc": round(float(np.mean(v)), 3)} for k, v in sorted(hits.items())}))
 
