@@ -47,13 +47,13 @@ $(SHAPES)/val/manifest.json: $(STAMP)
 # The real recipe in miniature, from scratch. Stage 0 makes what real users download: the vision tower (patch-phrase
 # contrast) and the generation and edit UNets (`vllm2 decoder pretrain`, trained on caption embeddings as SD and
 # InstructPix2Pix were; the edit UNet in two cosine cycles, 2000 steps then 1000 at a lower rate); the tower,
-# configs/shapes/stage1.yaml and stage1b.yaml (stage 1 continued) run on one core while the two UNets train on the
-# other. Then stage2.yaml (every task; the UNets join pretrained and frozen), and stage 3, decoders only, from stage
-# 2's export on two cores: stage3a.yaml (GroundingDINO's tasks) then stage3c.yaml and stage3d.yaml (keypoints against
-# 3a's frozen GroundingDINO and [DET] table, in two cosine cycles) on one; stage3b.yaml (the UNets) then, once 3a is
-# done, stage3a2.yaml (GroundingDINO alone for a second cycle) on the other. Two `vllm2 export --merge` calls join
-# them: 3a2 into 3d's run (both began at 3a), then 3b (began at stage 2). Per-stage seconds in $(STAGED)/times.txt.
-# The joined model becomes $(MODEL).
+# configs/shapes/stage1.yaml, stage1b.yaml (stage 1 continued) and the generation UNet run on one core while the edit
+# UNet trains on the other. Then stage2.yaml (every task; the UNets join pretrained and frozen), and stage 3, decoders
+# only, from stage 2's export on two cores: stage3a.yaml (GroundingDINO's tasks) then stage3c.yaml and stage3d.yaml
+# (keypoints against 3a's frozen GroundingDINO and [DET] table, in two cosine cycles) on one; stage3b.yaml (the UNets)
+# then, once 3a is done, stage3a2.yaml (GroundingDINO alone for a second cycle) on the other. Two `vllm2 export
+# --merge` calls join them: 3a2 into 3d's run (both began at 3a), then 3b (began at stage 2). Per-stage seconds in
+# $(STAGED)/times.txt. The joined model becomes $(MODEL).
 TRAIN := $(PY) -m vllm2.cli train
 UNET0 := $(PY) -m vllm2.cli decoder pretrain --config configs/shapes/base.yaml -q
 TIMED = timed() { local name=$$1 t0=$$(date +%s); shift; "$$@" || return 1; \
@@ -63,12 +63,12 @@ shapes-model: $(SHAPES)/train/manifest.json $(SHAPES)/val/manifest.json
 	mkdir -p $(STAGED) && rm -f $(STAGED)/times.txt
 	$(TIMED); export OMP_NUM_THREADS=1; start=$$(date +%s); \
 	( timed "stage 0 (tower)" $(STAGE0) && timed "stage 1" $(TRAIN) configs/shapes/stage1.yaml && \
-	  timed "stage 1b" $(TRAIN) configs/shapes/stage1b.yaml ) & llm=$$!; \
-	( timed "stage 0 (sd)" $(UNET0) --decoder sd --steps 1200 --out $(STAGED)/sd && \
-	  timed "stage 0 (ip2p)" $(UNET0) --decoder ip2p --steps 2000 --out $(STAGED)/ip2p-2000 && \
+	  timed "stage 1b" $(TRAIN) configs/shapes/stage1b.yaml && \
+	  timed "stage 0 (sd)" $(UNET0) --decoder sd --steps 1200 --out $(STAGED)/sd ) & a=$$!; \
+	( timed "stage 0 (ip2p)" $(UNET0) --decoder ip2p --steps 2000 --out $(STAGED)/ip2p-2000 && \
 	  timed "stage 0 (ip2p, second cycle)" $(UNET0) decoders.ip2p.pretrained_path=$(STAGED)/ip2p-2000 \
-		--decoder ip2p --steps 1000 --lr 1e-3 --out $(STAGED)/ip2p ) & unets=$$!; \
-	wait $$llm; a=$$?; wait $$unets; b=$$?; [ $$a = 0 ] && [ $$b = 0 ] || exit 1; \
+		--decoder ip2p --steps 1000 --lr 1e-3 --out $(STAGED)/ip2p ) & b=$$!; \
+	wait $$a; a=$$?; wait $$b; b=$$?; [ $$a = 0 ] && [ $$b = 0 ] || exit 1; \
 	echo "stages 0-1b, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
 	$(TIMED); timed "stage 2" $(TRAIN) configs/shapes/stage2.yaml
 	$(TIMED); export OMP_NUM_THREADS=1; start=$$(date +%s); rm -f $(STAGED)/stage3a.done; \
