@@ -86,28 +86,28 @@ def test_stage_recipes_load_and_freeze_what_they_say():
 
 
 def test_shapes_stages_chain_and_stage3_phases_train_disjoint_decoders_and_query_tables():
-    """1 -> 1b -> 2 -> 3a -> 3c -> 3d, 3a -> 3a2 and 2 -> 3b; the stage-3 phases train disjoint parts (3d continues
-    3c, 3a2 continues 3a's GroundingDINO with 3a's [DET] table, which 3c and 3d read), so `vllm2 export --merge` can
-    join 3a2 into 3d's export (base 3a) and 3b into that (base 2)."""
+    """1 -> 1b -> 2 -> 3a -> 3c -> 3d, 3a -> 3a2 -> 3a3 and 2 -> 3b; the stage-3 phases train disjoint parts (3d
+    continues 3c; 3a2 and 3a3 continue 3a's GroundingDINO with 3a's [DET] table, which 3c and 3d read), so `vllm2
+    export --merge` can join 3a3 into 3d's export (base 3a) and 3b into that (base 2)."""
     from pathlib import Path
 
     from vllm2 import build_model, load_config
 
     folder = Path(__file__).resolve().parents[1] / "configs" / "shapes"
-    names = ("1", "1b", "2", "3a", "3a2", "3b", "3c", "3d")
+    names = ("1", "1b", "2", "3a", "3a2", "3a3", "3b", "3c", "3d")
     stages = {n: load_config(folder / f"stage{n}.yaml", ["vision.pretrained=null"]) for n in names}
     assert stages["1"].decoders == {} and stages["1"].training.lr_multipliers == {}
     assert stages["1"].training.init_from is None
-    for previous, stage in (("1", "1b"), ("1b", "2"), ("2", "3a"), ("2", "3b"), ("3a", "3a2"), ("3a", "3c"),
-                            ("3c", "3d")):
+    for previous, stage in (("1", "1b"), ("1b", "2"), ("2", "3a"), ("2", "3b"), ("3a", "3a2"), ("3a2", "3a3"),
+                            ("3a", "3c"), ("3c", "3d")):
         assert stages[stage].training.init_from == f"{stages[previous].training.output_dir}/final"
     assert all(s.vision.backend == "open_clip" and s.vision.freeze for s in stages.values())
     trained = {}
-    for name in ("3a", "3a2", "3b", "3c", "3d"):
+    for name in ("3a", "3a2", "3a3", "3b", "3c", "3d"):
         model = build_model(stages[name])
         apply_freeze(model, stages[name].training.freeze)
         trained[name] = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trained == {"3a": {"gdino", "emb_embeddings_det"}, "3a2": {"gdino"},
+    assert trained == {"3a": {"gdino", "emb_embeddings_det"}, "3a2": {"gdino"}, "3a3": {"gdino"},
                        "3b": {"sd", "ip2p", "emb_embeddings_gen", "emb_embeddings_edit"},
                        "3c": {"keypoint", "emb_embeddings_pose"}, "3d": {"keypoint", "emb_embeddings_pose"}}
 
