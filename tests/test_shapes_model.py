@@ -1,7 +1,7 @@
 """The shipped shapes-world model (``data/shapes-model``, the embedded default of ``make demo``): it loads with the
 current code, was built by the staged recipe (its export joins stage 3d's run, ``configs/shapes/stage3d.yaml``, with
-stage 3a3's and 3b's), answers the demo prompts (``data/samples/demo.json``, the first items of the held-out world) through the
-right routes, and the judges of ``vllm2 chat --batch`` find the answers they expect right."""
+stage 3a3's and 3b's), answers the demo prompts (``data/samples/demo.json``, the first items of the held-out world)
+through the right routes, and the judges of ``vllm2 chat --batch`` find the answers they expect right."""
 
 from __future__ import annotations
 
