@@ -35,7 +35,8 @@ def test_forward_backward_reaches_every_trainable_part(tiny_cfg, tiny_processor)
     model = build_model(cfg)
     batch = tiny_processor(_samples())
     out = model(**batch)
-    assert out.logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.loss)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert out.logits.shape == (labelled, model.llm.config.vocab_size) and torch.isfinite(out.loss)
     out.loss.backward()
     for name in ["vl_bridge.0.weight", "region_encoder.up_dim.weight", "llm.model.layers.0.self_attn.q_proj.weight",
                  "vis_encoder.vision_model.encoder.layers.0.mlp.fc1.weight"]:
@@ -70,13 +71,31 @@ def test_fixed_batch_overfits(tiny_cfg, tiny_processor):
 def test_batched_equals_per_sample(model, tiny_processor, padding_side):
     samples = _samples()
     batch = tiny_processor(samples, padding_side=padding_side)
+    batch.pop("labels")  # without labels: logits at every position
     with torch.no_grad():
         logits = model(**batch).logits
         for i, sample in enumerate(samples):
             single = tiny_processor([sample])
+            single.pop("labels")
             ref = model(**single).logits[0]  # [L_i, V]
             valid = batch["attention_mask"][i].bool()
             torch.testing.assert_close(logits[i][valid], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_lm_loss_equals_the_llms_own_on_every_position(model, tiny_processor):
+    """The LM head runs only where a label follows; the loss, its gradient and those logits are the LLM's own."""
+    batch = tiny_processor(_samples())
+    out = model(**batch)
+    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["region_masks"],
+                                batch["region_tiles"])
+    ref = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    torch.testing.assert_close(out.lm_loss, ref.loss)
+    predicts = batch["labels"][:, 1:] != -100  # [B, L-1]
+    torch.testing.assert_close(out.logits, ref.logits[:, :-1][predicts])
+    weight = model.llm.get_output_embeddings().weight
+    grad, = torch.autograd.grad(out.lm_loss, weight)
+    ref_grad, = torch.autograd.grad(ref.loss, weight)
+    torch.testing.assert_close(grad, ref_grad)
 
 
 def test_save_load_identical_logits(model, tiny_processor, tmp_path):

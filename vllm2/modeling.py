@@ -26,6 +26,7 @@ from superlink import BoundRoutes, QueryGroups, RouteTable, gather_queries, spli
 from .chat import chat
 from .config import VLLM2Config, config_from_dict, config_to_dict
 from .device import to_device
+from .processor import IGNORE_INDEX
 from .region import RegionEncoder
 from .tokenizer import IMAGE_TOKEN, PATCH_TOKEN, REGION_TOKEN, load_tokenizer
 from .vision import VisionTower
@@ -172,7 +173,8 @@ class VisionLLMv2Output(ModelOutput):
     Attributes:
         loss: LM loss + weighted decoder losses (scalar), when labels are given.
         lm_loss: the LM cross-entropy alone.
-        logits: ``[B, L, V]``.
+        logits: ``[B, L, V]``; with labels, ``[N, V]`` at the N positions that predict a label, in batch order (the
+            LM head skips the rest: prompts, images and padding are most positions).
         decoder_losses: decoder name -> weighted loss.
         loss_dict: every individual loss term, keyed ``"<decoder>/<term>"``.
         hidden_states: ``[B, L, C]`` last-layer states (after the final norm).
@@ -412,16 +414,21 @@ class VisionLLMv2Model(PreTrainedModel):
             :class:`VisionLLMv2Output`.
         """
         embeds = self.embed_inputs(input_ids, pixel_values, region_masks, region_tiles)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
+        # [B, L]: positions whose next token is a label (0: every position, no labels)
+        keep = 0 if labels is None else nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True,
+                       logits_to_keep=keep)
+        lm_loss = None if labels is None else nn.functional.cross_entropy(out.logits.float(),
+                                                                          labels[:, 1:][keep[:, :-1]])
         hidden = out.hidden_states[-1]  # [B, L, C]
         groups = gather_queries(hidden, input_ids, self.bound)
-        total, decoder_losses, loss_dict = out.loss, {}, {}
+        total, decoder_losses, loss_dict = lm_loss, {}, {}
         for name, inputs in (decoder_inputs or {}).items():
             loss, terms = self._decoder_loss(name, groups.get(name), inputs)
             decoder_losses[name] = loss
             loss_dict.update({f"{name}/{k}": v for k, v in terms.items()})
             total = loss if total is None else total + loss
-        return VisionLLMv2Output(loss=total, lm_loss=out.loss, logits=out.logits, decoder_losses=decoder_losses,
+        return VisionLLMv2Output(loss=total, lm_loss=lm_loss, logits=out.logits, decoder_losses=decoder_losses,
                                  loss_dict=loss_dict, hidden_states=hidden, groups=groups)
 
     def chat(self, processor: Any, images: Any, prompts: Any, regions: Any = None, **gen_kwargs: Any) -> list:
