@@ -108,7 +108,7 @@ def test_shapes_stages_chain_and_stage3_phases_train_disjoint_decoders_and_query
         apply_freeze(model, stages[name].training.freeze)
         trained[name] = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"3a": {"gdino", "emb_embeddings_det"}, "3a2": {"gdino"}, "3a3": {"gdino"},
-                       "3b": {"sd", "ip2p", "emb_embeddings_gen", "emb_embeddings_edit"},
+                       "3b": {"ip2p", "emb_embeddings_edit"},
                        "3c": {"keypoint", "emb_embeddings_pose"}, "3d": {"keypoint", "emb_embeddings_pose"}}
 
 
