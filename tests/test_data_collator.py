@@ -23,6 +23,7 @@ from vllm2.data import (
     TextToImageDataset,
 )
 from vllm2.tokenizer import IMAGE_TOKEN
+from vllm2.training import apply_freeze
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,41 @@ def test_mixed_batch_runs_through_the_tiny_model(mixed, tiny_cfg):
     labelled = int((batch["labels"][:, 1:] != -100).sum())  # the LM head runs where a label follows
     assert torch.isfinite(out.loss) and out.logits.shape[0] == labelled
     assert set(out.groups) == {"gdino", "keypoint", "sd", "ip2p"}
+
+
+def test_frozen_prefix_runs_without_autograd_and_changes_no_value_or_gradient(mixed, tiny_cfg):
+    """With the LLM, tower and bridge frozen (stage 3), the positions before the batch's first query run in a pass
+    without autograd and the rest continues from their cache: the losses, states, logits and every gradient equal
+    those of one pass (taken when one LLM weight is trainable)."""
+    _, batch = mixed
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg)
+    apply_freeze(model, ["llm", "vis_encoder", "vl_bridge", "region_encoder"])
+    calls = []
+    model.llm.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["inputs_embeds"].shape[1]),
+                                    with_kwargs=True)
+
+    def run() -> tuple:
+        model.zero_grad()
+        torch.manual_seed(1)  # the diffusion losses draw noise and timesteps
+        out = model(**batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    split, split_grads = run()
+    length = batch["input_ids"].shape[1]
+    assert len(calls) == 2 and 0 < calls[0] < length and sum(calls) == length
+    model.llm.get_output_embeddings().weight.requires_grad_(True)
+    calls.clear()
+    whole, whole_grads = run()
+    assert calls == [length]
+    for key in ("loss", "lm_loss", "logits", "hidden_states"):
+        torch.testing.assert_close(getattr(split, key), getattr(whole, key))
+    whole_grads = {n: g for n, g in whole_grads.items() if not n.startswith("llm.")}  # the weight made trainable
+    assert set(split_grads) == set(whole_grads) and any(n.startswith("emb_embeddings") for n in split_grads)
+    for name, grad in split_grads.items():  # fp32: the passes sum in other orders (up to 2e-4 relative here)
+        torch.testing.assert_close(grad, whole_grads[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def test_every_decoder_loss_in_one_step(mixed, tiny_processor):

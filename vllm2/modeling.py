@@ -21,7 +21,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
 import decoders
-from superlink import BoundRoutes, QueryGroups, RouteTable, gather_queries, splice_queries
+from superlink import BoundRoutes, QueryGroups, RouteTable, gather_queries, query_position_mask, splice_queries
 
 from .chat import chat
 from .config import VLLM2Config, config_from_dict, config_to_dict
@@ -416,11 +416,8 @@ class VisionLLMv2Model(PreTrainedModel):
         embeds = self.embed_inputs(input_ids, pixel_values, region_masks, region_tiles)
         # [B, L]: positions whose next token is a label (0: every position, no labels)
         keep = 0 if labels is None else nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True,
-                       logits_to_keep=keep)
-        lm_loss = None if labels is None else nn.functional.cross_entropy(out.logits.float(),
-                                                                          labels[:, 1:][keep[:, :-1]])
-        hidden = out.hidden_states[-1]  # [B, L, C]
+        hidden, logits = self._run_llm(embeds, input_ids, attention_mask, keep)  # [B, L, C], [N, V] or [B, L, V]
+        lm_loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
         groups = gather_queries(hidden, input_ids, self.bound)
         total, decoder_losses, loss_dict = lm_loss, {}, {}
         for name, inputs in (decoder_inputs or {}).items():
@@ -428,8 +425,47 @@ class VisionLLMv2Model(PreTrainedModel):
             decoder_losses[name] = loss
             loss_dict.update({f"{name}/{k}": v for k, v in terms.items()})
             total = loss if total is None else total + loss
-        return VisionLLMv2Output(loss=total, lm_loss=lm_loss, logits=out.logits, decoder_losses=decoder_losses,
+        return VisionLLMv2Output(loss=total, lm_loss=lm_loss, logits=logits, decoder_losses=decoder_losses,
                                  loss_dict=loss_dict, hidden_states=hidden, groups=groups)
+
+    def _run_llm(self, embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 keep: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM over ``[B, L, C]`` embeddings: last-layer states ``[B, L, C]`` and the logits ``logits_to_keep=keep``
+        asks for, in batch order.
+
+        When only the spliced query rows can carry a gradient (the LLM, tower, bridge and region encoder frozen, as in
+        stage 3), no position before the batch's first query reaches a trainable weight (attention is causal): that
+        prefix runs without autograd and the rest continues from its cache, so the backward pass covers the suffix
+        alone. Values and gradients are those of one pass.
+        """
+        start = 0
+        frozen = not any(p.requires_grad for p in self._prefix_parameters())
+        # (gradient checkpointing would write the suffix into the cache again when it recomputes a layer)
+        if torch.is_grad_enabled() and frozen and not self.llm.is_gradient_checkpointing:
+            columns = query_position_mask(input_ids, self.bound).any(0).nonzero()  # [Q', 1]
+            start = int(columns[0]) if len(columns) else 0
+        if start == 0:
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True,
+                           logits_to_keep=keep)
+            return out.hidden_states[-1], out.logits
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        split = isinstance(keep, torch.Tensor)
+        with torch.no_grad():
+            head = self.llm(inputs_embeds=embeds[:, :start], attention_mask=mask[:, :start], use_cache=True,
+                            output_hidden_states=True, logits_to_keep=keep[:, :start] if split else 0)
+        tail = self.llm(inputs_embeds=embeds[:, start:], attention_mask=mask, cache=head.cache,
+                        output_hidden_states=True, logits_to_keep=keep[:, start:] if split else 0)
+        hidden = torch.cat([head.hidden_states[-1], tail.hidden_states[-1]], 1)  # [B, L, C]
+        if not split:
+            return hidden, torch.cat([head.logits, tail.logits], 1)  # [B, L, V]
+        # each pass lists its kept positions row by row: a stable sort by row puts the prefix's before the suffix's
+        rows = torch.cat([keep[:, :start].nonzero()[:, 0], keep[:, start:].nonzero()[:, 0]])
+        return hidden, torch.cat([head.logits, tail.logits])[torch.argsort(rows, stable=True)]
+
+    def _prefix_parameters(self) -> Iterable[nn.Parameter]:
+        """The weights that every position's embedding or state depends on (not the query tables)."""
+        for module in (self.llm, self.vis_encoder, self.vl_bridge, self.region_encoder):
+            yield from (module.parameters() if module is not None else ())
 
     def chat(self, processor: Any, images: Any, prompts: Any, regions: Any = None, **gen_kwargs: Any) -> list:
         """Batched chat with routing; see :func:`vllm2.chat.chat`. Returns one ``ChatResult`` per prompt."""
