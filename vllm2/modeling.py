@@ -439,9 +439,9 @@ class VisionLLMv2Model(PreTrainedModel):
         alone. Values and gradients are those of one pass.
         """
         start = 0
-        frozen = not any(p.requires_grad for p in self._prefix_parameters())
         # (gradient checkpointing would write the suffix into the cache again when it recomputes a layer)
-        if torch.is_grad_enabled() and frozen and not self.llm.is_gradient_checkpointing:
+        if (torch.is_grad_enabled() and not self.llm.is_gradient_checkpointing
+                and not any(p.requires_grad for p in self._prefix_parameters())):
             columns = query_position_mask(input_ids, self.bound).any(0).nonzero()  # [Q', 1]
             start = int(columns[0]) if len(columns) else 0
         if start == 0:
