@@ -135,6 +135,8 @@ def test_bad_config_and_inputs_raise_clear_errors() -> None:
         tiny_decoder_config("sd", null_prompt="zeros")
     with pytest.raises(ValueError, match="IP2PConfig.noise_samples"):
         tiny_decoder_config("ip2p", noise_samples=0)
+    with pytest.raises(ValueError, match="SDConfig.snr_gamma"):
+        tiny_decoder_config("sd", snr_gamma=0.0)
     sd = StableDiffusionDecoder(tiny_decoder_config("sd"), LLM)
     with pytest.raises(ValueError, match=r"sd: queries must be \[B, G, K, C\]"):
         sd(torch.randn(1, K, LLM), torch.ones(1, 1, dtype=torch.bool), {})
@@ -306,6 +308,32 @@ def test_decoder_drops_conditions_at_the_configured_rate(name: str, monkeypatch)
         decoder.eval()
         decoder(queries[:, :50], mask[:, :50], inputs)
         assert not (seen["prompts"] == 7.0).all(dim=(1, 2)).any()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_scales_each_samples_loss_by_its_timesteps_weight(prediction_type) -> None:
+    """With ``snr_gamma`` a one-sample loss is the plain loss (same noise and timestep) times min(SNR, gamma) / SNR
+    (epsilon) or / (SNR + 1) (v), SNR = alpha_bar / (1 - alpha_bar) from the schedule's betas."""
+    gamma = 1.0
+    plain = StableDiffusionDecoder(tiny_decoder_config("sd", prediction_type=prediction_type), LLM).eval()
+    weighted = StableDiffusionDecoder(tiny_decoder_config("sd", prediction_type=prediction_type, snr_gamma=gamma),
+                                      LLM).eval()
+    weighted.load_state_dict(plain.state_dict())
+    alpha_bar = torch.cumprod(1 - plain.sd_noise_scheduler.betas.double(), 0)  # [T]
+    latents, prompts = torch.randn(1, 4, 16, 16), torch.randn(1, 8, 32)  # [1, c, h, w], [1, T, C]
+    snrs = []
+    for seed in range(12):
+        draw = torch.Generator().manual_seed(seed)  # the loss draws the noise, then the timestep
+        torch.randn(latents.shape, generator=draw)
+        t = int(torch.randint(0, len(alpha_bar), (1,), generator=draw))
+        snr = (alpha_bar[t] / (1 - alpha_bar[t])).item()
+        weight = min(snr, gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        with torch.no_grad():
+            expected = weight * plain.denoising_loss(latents, prompts, generator=torch.Generator().manual_seed(seed))
+            got = weighted.denoising_loss(latents, prompts, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+        snrs.append(snr)
+    assert min(snrs) < gamma < max(snrs)  # both sides of the clamp were checked
 
 
 def test_noise_samples_denoise_each_group_several_times(monkeypatch) -> None:

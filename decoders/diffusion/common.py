@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
 from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
@@ -245,11 +246,14 @@ class LatentDiffusionDecoder(PromptMapper, Decoder):
             noisy = torch.cat([noisy, image_latents], dim=1)  # [N, 2c, h, w]
         unet_dtype = self.sd_unet.dtype
         pred = self.sd_unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=prompts.to(unet_dtype)).sample
-        if self.sd_noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.sd_noise_scheduler.get_velocity(latents, noise, timesteps)  # [N, c, h, w]
-        else:
-            target = noise  # [N, c, h, w]
-        return F.mse_loss(pred.float(), target.float())
+        v_prediction = self.sd_noise_scheduler.config.prediction_type == "v_prediction"
+        target = self.sd_noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+        if self.config.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        snr = compute_snr(self.sd_noise_scheduler, timesteps)  # [N]
+        weights = snr.clamp(max=self.config.snr_gamma) / (snr + 1 if v_prediction else snr)  # [N]
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)  # [N]
+        return (weights * per_sample).mean()
 
     def alignment_loss(self, prompts: torch.Tensor, captions: list[str | None]) -> torch.Tensor | None:
         """MSE between prompt embeddings and the frozen CLIP text embedding of their captions.

@@ -57,6 +57,9 @@ class DiffusionConfig:
             it is on, training on a captioned sample without a text-encoder tokenizer raises.
         noise_samples: draws of timestep and noise per training image, averaged in the diffusion loss: more draws
             lower the variance of the UNet's gradient (few images per step in a task mixture) for UNet compute only.
+        snr_gamma: Min-SNR-gamma weighting of the diffusion loss (each timestep's MSE weighted by
+            min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction; diffusers' ``compute_snr``, as its training
+            scripts' ``--snr_gamma``); None for the plain MSE.
         null_prompt: the unconditional prompt for conditioning dropout and guidance: ``"empty"`` (the text
             encoder's embedding of ``""``, needs the tokenizer) or ``"learned"`` (a parameter ``null_prompt_embeds``).
         gradient_checkpointing: enable UNet gradient checkpointing.
@@ -113,6 +116,7 @@ class DiffusionConfig:
     train_unet: bool = False
     align_loss_weight: float = 0.1
     noise_samples: int = 1
+    snr_gamma: Optional[float] = None
     null_prompt: str = "empty"
     gradient_checkpointing: bool = False
 
@@ -156,6 +160,8 @@ class DiffusionConfig:
             self._fail("null_prompt", "'empty' needs use_text_encoder=True; use 'learned' without a text encoder")
         if self.align_loss_weight < 0:
             self._fail("align_loss_weight", f"must be >= 0, got {self.align_loss_weight}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            self._fail("snr_gamma", f"must be positive or null, got {self.snr_gamma}")
         for name in ("num_prompt_tokens", "num_inference_steps", "noise_samples"):
             if getattr(self, name) <= 0:
                 self._fail(name, f"must be positive, got {getattr(self, name)}")
