@@ -48,12 +48,14 @@ $(SHAPES)/val/manifest.json: $(STAMP)
 # contrast) and the generation and edit UNets (`vllm2 decoder pretrain`, trained on caption embeddings as SD and
 # InstructPix2Pix were; the edit UNet in two cosine cycles, 2000 steps then 1000 at a lower rate); the tower,
 # configs/shapes/stage1.yaml, stage1b.yaml (stage 1 continued) and the generation UNet run on one core while the edit
-# UNet trains on the other. Then stage2.yaml (every task; the UNets join pretrained and frozen), and stage 3, decoders
-# only, from stage 2's export on two cores: stage3a.yaml (GroundingDINO's tasks) then stage3a2.yaml and stage3a3.yaml
-# (GroundingDINO alone for a second and a third cycle) on one; stage3b.yaml (the edit UNet) then, once 3a is done,
-# stage3c.yaml and stage3d.yaml (keypoints against 3a's frozen GroundingDINO and [DET] table, in two cosine cycles) on
-# the other. Two `vllm2 export --merge` calls join them: 3a3 into 3d's run (both go back to 3a), then 3b (began at
-# stage 2). Per-stage seconds in $(STAGED)/times.txt. The joined model becomes $(MODEL).
+# UNet trains on the other. Then stage2.yaml (every task; the UNets join pretrained and frozen) as two data-parallel
+# single-thread processes of 12 samples each (`--nproc 2`, gloo: 1.3x the steps per second of one process with two
+# threads, docs/shapes-experiments.md), and stage 3, decoders
+# only, from stage 2's export on two cores: stage3a.yaml (GroundingDINO's tasks), stage3a2.yaml (GroundingDINO alone,
+# a second cycle), then stage3c.yaml and stage3d.yaml (keypoints against 3a's frozen GroundingDINO and [DET] table, in
+# two cosine cycles) on one; stage3b.yaml (the edit UNet) then, once 3a2 is done, stage3a3.yaml (GroundingDINO's third
+# cycle) on the other. Two `vllm2 export --merge` calls join them: 3a3 into 3d's run (both go back to 3a), then 3b
+# (began at stage 2). Per-stage seconds in $(STAGED)/times.txt. The joined model becomes $(MODEL).
 TRAIN := $(PY) -m vllm2.cli train
 UNET0 := $(PY) -m vllm2.cli decoder pretrain --config configs/shapes/base.yaml -q
 TIMED = timed() { local name=$$1 t0=$$(date +%s); shift; "$$@" || return 1; \
@@ -70,17 +72,18 @@ shapes-model: $(SHAPES)/train/manifest.json $(SHAPES)/val/manifest.json
 		--decoder ip2p --steps 1000 --lr 1e-3 --out $(STAGED)/ip2p ) & b=$$!; \
 	wait $$a; a=$$?; wait $$b; b=$$?; [ $$a = 0 ] && [ $$b = 0 ] || exit 1; \
 	echo "stages 0-1b, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
-	$(TIMED); timed "stage 2" $(TRAIN) configs/shapes/stage2.yaml
-	$(TIMED); export OMP_NUM_THREADS=1; start=$$(date +%s); rm -f $(STAGED)/stage3a.done; \
-	( timed "stage 3a" $(TRAIN) configs/shapes/stage3a.yaml && touch $(STAGED)/stage3a.done && \
-	  timed "stage 3a2" $(TRAIN) configs/shapes/stage3a2.yaml && \
-	  timed "stage 3a3" $(TRAIN) configs/shapes/stage3a3.yaml ) & a=$$!; \
-	( timed "stage 3b" $(TRAIN) configs/shapes/stage3b.yaml && \
-	  until [ -e $(STAGED)/stage3a.done ]; do kill -0 $$a 2>/dev/null || exit 1; sleep 10; done && \
+	$(TIMED); export OMP_NUM_THREADS=1; \
+	timed "stage 2" $(TRAIN) --nproc 2 configs/shapes/stage2.yaml training.per_device_batch_size=12
+	$(TIMED); export OMP_NUM_THREADS=1; start=$$(date +%s); rm -f $(STAGED)/stage3a2.done; \
+	( timed "stage 3a" $(TRAIN) configs/shapes/stage3a.yaml && \
+	  timed "stage 3a2" $(TRAIN) configs/shapes/stage3a2.yaml && touch $(STAGED)/stage3a2.done && \
 	  timed "stage 3c" $(TRAIN) configs/shapes/stage3c.yaml && \
-	  timed "stage 3d" $(TRAIN) configs/shapes/stage3d.yaml ) & b=$$!; \
+	  timed "stage 3d" $(TRAIN) configs/shapes/stage3d.yaml ) & a=$$!; \
+	( timed "stage 3b" $(TRAIN) configs/shapes/stage3b.yaml && \
+	  until [ -e $(STAGED)/stage3a2.done ]; do kill -0 $$a 2>/dev/null || exit 1; sleep 10; done && \
+	  timed "stage 3a3" $(TRAIN) configs/shapes/stage3a3.yaml ) & b=$$!; \
 	wait $$a; a=$$?; wait $$b; b=$$?; [ $$a = 0 ] && [ $$b = 0 ] || exit 1; \
-	echo "stages 3a, 3a2, 3a3 beside 3b, 3c, 3d, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
+	echo "stages 3a, 3a2, 3c, 3d beside 3b, 3a3, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
 	rm -rf $(STAGED)/stage3-gdino $(STAGED)/stage3 $(MODEL) && mkdir -p $(MODEL)
 	$(PY) -m vllm2.cli export --model $(STAGED)/stage3d/final --base $(STAGED)/stage3a/final \
 		--merge $(STAGED)/stage3a3/final --out $(STAGED)/stage3-gdino
