@@ -54,8 +54,8 @@ $(SHAPES)/val/manifest.json: $(STAMP)
 # only, from stage 2's export on two cores: stage3a.yaml (GroundingDINO's tasks), stage3a2.yaml (GroundingDINO alone,
 # a second cycle), then stage3c.yaml and stage3d.yaml (keypoints against 3a's frozen GroundingDINO and [DET] table, in
 # two cosine cycles) on one; stage3b.yaml (the edit UNet) then, once 3a2 is done, stage3a3.yaml (GroundingDINO's third
-# cycle) on the other. Two `vllm2 export --merge` calls join them: 3a3 into 3d's run (both go back to 3a), then 3b
-# (began at stage 2). Per-stage seconds in $(STAGED)/times.txt. The joined model becomes $(MODEL).
+# cycle) and stage3e.yaml (the generation link and UNet) on the other. Three `vllm2 export --merge` calls join them:
+# 3a3 into 3d's run (both go back to 3a), then 3b and 3e (both began at stage 2). Per-stage seconds in $(STAGED)/times.txt. The joined model becomes $(MODEL).
 TRAIN := $(PY) -m vllm2.cli train
 UNET0 := $(PY) -m vllm2.cli decoder pretrain --config configs/shapes/base.yaml -q
 TIMED = timed() { local name=$$1 t0=$$(date +%s); shift; "$$@" || return 1; \
@@ -81,14 +81,17 @@ shapes-model: $(SHAPES)/train/manifest.json $(SHAPES)/val/manifest.json
 	  timed "stage 3d" $(TRAIN) configs/shapes/stage3d.yaml ) & a=$$!; \
 	( timed "stage 3b" $(TRAIN) configs/shapes/stage3b.yaml && \
 	  until [ -e $(STAGED)/stage3a2.done ]; do kill -0 $$a 2>/dev/null || exit 1; sleep 10; done && \
-	  timed "stage 3a3" $(TRAIN) configs/shapes/stage3a3.yaml ) & b=$$!; \
+	  timed "stage 3a3" $(TRAIN) configs/shapes/stage3a3.yaml && \
+	  timed "stage 3e" $(TRAIN) configs/shapes/stage3e.yaml ) & b=$$!; \
 	wait $$a; a=$$?; wait $$b; b=$$?; [ $$a = 0 ] && [ $$b = 0 ] || exit 1; \
-	echo "stages 3a, 3a2, 3c, 3d beside 3b, 3a3, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
-	rm -rf $(STAGED)/stage3-gdino $(STAGED)/stage3 $(MODEL) && mkdir -p $(MODEL)
+	echo "stages 3a, 3a2, 3c, 3d beside 3b, 3a3, 3e, two cores: $$(( $$(date +%s) - start )) s" | tee -a $(STAGED)/times.txt
+	rm -rf $(STAGED)/stage3-gdino $(STAGED)/stage3-edit $(STAGED)/stage3 $(MODEL) && mkdir -p $(MODEL)
 	$(PY) -m vllm2.cli export --model $(STAGED)/stage3d/final --base $(STAGED)/stage3a/final \
 		--merge $(STAGED)/stage3a3/final --out $(STAGED)/stage3-gdino
 	$(PY) -m vllm2.cli export --model $(STAGED)/stage3-gdino --base $(STAGED)/stage2/final \
-		--merge $(STAGED)/stage3b/final --out $(STAGED)/stage3
+		--merge $(STAGED)/stage3b/final --out $(STAGED)/stage3-edit
+	$(PY) -m vllm2.cli export --model $(STAGED)/stage3-edit --base $(STAGED)/stage2/final \
+		--merge $(STAGED)/stage3e/final --out $(STAGED)/stage3
 	cd $(STAGED)/stage3 && cp config.json model.safetensors processor_config.json tokenizer.json \
 		tokenizer_config.json $(CURDIR)/$(MODEL)/
 
