@@ -50,12 +50,12 @@ $(SHAPES)/val/manifest.json: $(STAMP)
 # configs/shapes/stage1.yaml, stage1b.yaml (stage 1 continued) and the generation UNet run on one core while the edit
 # UNet trains on the other. Then stage2.yaml (every task; the UNets join pretrained and frozen) as two data-parallel
 # single-thread processes of 12 samples each (`--nproc 2`, gloo: 1.3x the steps per second of one process with two
-# threads, docs/shapes-experiments.md), and stage 3, decoders
-# only, from stage 2's export on two cores: stage3a.yaml (GroundingDINO's tasks), stage3a2.yaml (GroundingDINO alone,
-# a second cycle), then stage3c.yaml and stage3d.yaml (keypoints against 3a's frozen GroundingDINO and [DET] table, in
-# two cosine cycles) on one; stage3b.yaml (the edit UNet) then, once 3a2 is done, stage3a3.yaml (GroundingDINO's third
-# cycle) and stage3e.yaml (the generation link and UNet) on the other. Three `vllm2 export --merge` calls join them:
-# 3a3 into 3d's run (both go back to 3a), then 3b and 3e (both began at stage 2). Per-stage seconds in $(STAGED)/times.txt. The joined model becomes $(MODEL).
+# threads, docs/shapes-experiments.md), and stage 3, decoders only, from stage 2's export on two cores: stage3a.yaml
+# (GroundingDINO's tasks), stage3a2.yaml (GroundingDINO alone, a second cycle), then stage3c.yaml and stage3d.yaml
+# (keypoints against 3a's frozen GroundingDINO and [DET] table, in two cosine cycles) on one; stage3b.yaml (the edit
+# UNet) then, once 3a2 is done, stage3a3.yaml (GroundingDINO's third cycle) and stage3e.yaml (the generation link and
+# UNet) on the other. Three `vllm2 export --merge` calls join them: 3a3 into 3d's run (both go back to 3a), then 3b and
+# 3e (both began at stage 2). Per-stage seconds in $(STAGED)/times.txt. The joined model becomes $(MODEL).
 TRAIN := $(PY) -m vllm2.cli train
 UNET0 := $(PY) -m vllm2.cli decoder pretrain --config configs/shapes/base.yaml -q
 TIMED = timed() { local name=$$1 t0=$$(date +%s); shift; "$$@" || return 1; \
