@@ -16,8 +16,10 @@ end-of-sequence token, the placeholders and unforced route tokens, so every samp
 tokens and routes only where told: both modes do the same work.
 
 Usage: ``python benchmarks/chat.py [--batch 8 --max-new-tokens 64 --repeats 3 --threads 2]``. Prints one JSON object:
-``batch_speedup`` (per-sample seconds / batched seconds), tokens per second both ways, and how many batched answers
-equal their one-at-a-time answers.
+``batch_speedup`` (per-sample seconds / batched seconds), tokens per second both ways, how many batched answers
+equal their one-at-a-time answers, and ``llm_step_speedup``: the same ratio for the LLM's own decode steps alone
+(its forward on one new position per row over a KV cache of the prompt's length; no prefill, sampling, splice or
+decoders), the most that batching the decode loop can give on this machine.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm2 import VisionLLMv2Processor, build_model, load_config  # noqa: E402
+from vllm2.generation import new_cache  # noqa: E402
 from vllm2.images import load_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +109,25 @@ def median_s(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def llm_step_speedup(llm: torch.nn.Module, batch: int, prompt_len: int, steps: int, repeats: int) -> float:
+    """``batch`` x (seconds per decode step of one row) / (seconds per decode step of ``batch`` rows): the LLM's
+    forward on one new position per row, ``steps`` steps over a cache grown from ``prompt_len`` random positions."""
+    width = llm.config.hidden_size
+
+    def decode(rows: int) -> float:
+        cache = new_cache(llm.config)
+        llm(inputs_embeds=torch.randn(rows, prompt_len, width), cache=cache, use_cache=True, logits_to_keep=1)
+        step = torch.randn(rows, 1, width)  # [rows, 1, C]
+        start = time.perf_counter()
+        for _ in range(steps):
+            llm(inputs_embeds=step, cache=cache, use_cache=True)
+        return (time.perf_counter() - start) / steps
+
+    one, many = (statistics.median(decode(rows) for _ in range(repeats + 1)) for rows in (1, batch))
+    return batch * one / many
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
@@ -147,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "one_at_a_time_tokens_per_s": round(tokens / single_s, 1),
         "batched_s": round(batch_s, 3),
         "one_at_a_time_s": round(single_s, 3),
+        "llm_step_speedup": round(llm_step_speedup(model.llm, args.batch, max(r.prompt_tokens for r in together),
+                                                   args.max_new_tokens, args.repeats), 2),
         "same_answers": sum(a.text == b.text for a, b in zip(together, alone)),
         "same_routes": [[o.route for o in r.outputs] for r in together]
         == [[o.route for o in r.outputs] for r in alone],

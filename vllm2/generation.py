@@ -25,7 +25,7 @@ from transformers.generation.logits_process import LogitsProcessorList, Temperat
 from superlink.decoding import build_step, compact_steps, prompt_position_ids
 from superlink.routes import BoundRoutes
 
-__all__ = ["GenerationOutput", "GrowingLayer", "generate"]
+__all__ = ["GenerationOutput", "GrowingLayer", "generate", "new_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class GrowingLayer(DynamicLayer):
             self.keys, self.values = (buffer[..., :end, :] for buffer in self.buffers)
 
 
-def _new_cache(config) -> DynamicCache:
+def new_cache(config) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` whose full-attention layers grow in place (:class:`GrowingLayer`); other
     layer kinds (sliding windows, linear attention) stay as transformers builds them."""
     cache = DynamicCache(config=config)
@@ -272,7 +272,7 @@ def _step_mask(mask: torch.Tensor, width: int, dtype: torch.dtype, four_d: bool)
 def _prefill(llm: nn.Module, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> _DecodeState:
     """Run the prompt through the LLM into a fresh cache and start the decode state."""
     batch, device = inputs_embeds.shape[0], inputs_embeds.device
-    cache = _new_cache(llm.config)
+    cache = new_cache(llm.config)
     out = llm(
         inputs_embeds=inputs_embeds,
         attention_mask=mask.long(),
